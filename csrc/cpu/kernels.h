@@ -1,0 +1,26 @@
+// CPU implementations of the operators. Arguments have passed the shared
+// checks of checks.h; these functions do the value checks that need the data
+// and leave every state tensor untouched when one fails.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace nhgd::cpu {
+
+// With `lower_only`, only the lower triangle of A is updated (the upper one is
+// left stale, for symmetrize_); otherwise all of A, which stays exactly
+// symmetric when it was.
+void sherman_morrison_(const at::Tensor& A, const at::Tensor& g, double a, double b, bool lower_only);
+void woodbury_(const at::Tensor& A, const at::Tensor& H, double a);
+void kfac_update_(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
+                  at::TensorList grads, double a, double b);
+std::vector<at::Tensor> kfac_apply(at::TensorList S_inv, at::TensorList G_inv, at::TensorList V);
+void running_average_(const at::Tensor& L, const at::Tensor& B, double a, double b);
+
+// Copies the strictly lower triangle of each d x d matrix of A onto its upper
+// triangle, so the result is bitwise symmetric.
+void symmetrize_(const at::Tensor& A);
+
+}  // namespace nhgd::cpu

@@ -1,0 +1,138 @@
+// The operator schemas (the one place they are written) and the CPU
+// registrations. The CUDA registrations live in cuda/ops_cuda.cpp and run the
+// same argument checks from checks.h.
+//
+// Mutating ops return nothing at the schema level: torch.compile's
+// auto-functionalization handles `Tensor(a!)` arguments of custom ops but not
+// returns that alias them. The Python wrappers return the updated tensors.
+#include "checks.h"
+#include "cpu/kernels.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace nhgd {
+namespace {
+
+bool compiled_with_cuda() {
+#ifdef NHGD_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// On the CPU every coefficient is known to the host (tensor_coeff rejects
+// tensors on another device), so the kernels take plain doubles.
+double host_value(const Coeff& c) {
+  TORCH_INTERNAL_ASSERT(!c.on_device());
+  return c.host;
+}
+
+void sherman_morrison_cpu(const at::Tensor& A, const at::Tensor& g, double a, double b,
+                          const std::optional<at::Tensor>& status, bool lower_only) {
+  check_sherman_morrison_args(A, g, status);
+  const double ca = host_coeff("sherman_morrison_", "a", a, true).host;
+  const double cb = host_coeff("sherman_morrison_", "b", b, false).host;
+  cpu::sherman_morrison_(A, g, ca, cb, lower_only);
+}
+
+void sherman_morrison_tensor_cpu(const at::Tensor& A, const at::Tensor& g, const at::Tensor& a,
+                                 const at::Tensor& b, const std::optional<at::Tensor>& status,
+                                 bool lower_only) {
+  check_sherman_morrison_args(A, g, status);
+  const double ca = host_value(tensor_coeff("sherman_morrison_", "a", a, A, true));
+  const double cb = host_value(tensor_coeff("sherman_morrison_", "b", b, A, false));
+  cpu::sherman_morrison_(A, g, ca, cb, lower_only);
+}
+
+void woodbury_cpu(const at::Tensor& A, const at::Tensor& H, double a,
+                  const std::optional<at::Tensor>& status) {
+  check_woodbury_args(A, H, status);
+  cpu::woodbury_(A, H, host_coeff("woodbury_", "a", a, true).host);
+}
+
+void woodbury_tensor_cpu(const at::Tensor& A, const at::Tensor& H, const at::Tensor& a,
+                         const std::optional<at::Tensor>& status) {
+  check_woodbury_args(A, H, status);
+  cpu::woodbury_(A, H, host_value(tensor_coeff("woodbury_", "a", a, A, true)));
+}
+
+void kfac_update_cpu(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
+                     at::TensorList grads, double a, double b, const std::optional<at::Tensor>& status) {
+  check_kfac_update_args(S_inv, G_inv, acts, grads, status);
+  const double ca = host_coeff("kfac_update_", "a", a, true).host;
+  const double cb = host_coeff("kfac_update_", "b", b, false).host;
+  cpu::kfac_update_(S_inv, G_inv, acts, grads, ca, cb);
+}
+
+void kfac_update_tensor_cpu(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
+                            at::TensorList grads, const at::Tensor& a, const at::Tensor& b,
+                            const std::optional<at::Tensor>& status) {
+  check_kfac_update_args(S_inv, G_inv, acts, grads, status);
+  const double ca = host_value(tensor_coeff("kfac_update_", "a", a, S_inv[0], true));
+  const double cb = host_value(tensor_coeff("kfac_update_", "b", b, S_inv[0], false));
+  cpu::kfac_update_(S_inv, G_inv, acts, grads, ca, cb);
+}
+
+std::vector<at::Tensor> kfac_apply_cpu(at::TensorList S_inv, at::TensorList G_inv, at::TensorList V) {
+  check_kfac_apply_args(S_inv, G_inv, V);
+  return cpu::kfac_apply(S_inv, G_inv, V);
+}
+
+void running_average_cpu(const at::Tensor& L, const at::Tensor& B, double a, double b,
+                         const std::optional<at::Tensor>& status) {
+  check_running_average_args(L, B, status);
+  const double ca = host_coeff("running_average_", "a", a, true).host;
+  const double cb = host_coeff("running_average_", "b", b, false).host;
+  cpu::running_average_(L, B, ca, cb);
+}
+
+void running_average_tensor_cpu(const at::Tensor& L, const at::Tensor& B, const at::Tensor& a,
+                                const at::Tensor& b, const std::optional<at::Tensor>& status) {
+  check_running_average_args(L, B, status);
+  const double ca = host_value(tensor_coeff("running_average_", "a", a, L, true));
+  const double cb = host_value(tensor_coeff("running_average_", "b", b, L, false));
+  cpu::running_average_(L, B, ca, cb);
+}
+
+void symmetrize_cpu(const at::Tensor& A) {
+  check_symmetrize_args(A);
+  cpu::symmetrize_(A);
+}
+
+}  // namespace
+}  // namespace nhgd
+
+TORCH_LIBRARY(nhgd_ext, m) {
+  // Fake kernels for torch.compile are registered in Python, by this module.
+  m.set_python_module("nhgd_ext.ops");
+  m.def("sherman_morrison_(Tensor(a!) A, Tensor g, float a, float b, Tensor(b!)? status=None, "
+        "bool lower_only=False) -> ()");
+  m.def("sherman_morrison_.tensor(Tensor(a!) A, Tensor g, Tensor a, Tensor b, Tensor(b!)? status=None, "
+        "bool lower_only=False) -> ()");
+  m.def("woodbury_(Tensor(a!) A, Tensor H, float a, Tensor(b!)? status=None) -> ()");
+  m.def("woodbury_.tensor(Tensor(a!) A, Tensor H, Tensor a, Tensor(b!)? status=None) -> ()");
+  m.def("kfac_update_(Tensor(a!)[] S_inv, Tensor(b!)[] G_inv, Tensor[] acts, Tensor[] grads, "
+        "float a, float b, Tensor(c!)? status=None) -> ()");
+  m.def("kfac_update_.tensor(Tensor(a!)[] S_inv, Tensor(b!)[] G_inv, Tensor[] acts, Tensor[] grads, "
+        "Tensor a, Tensor b, Tensor(c!)? status=None) -> ()");
+  m.def("kfac_apply(Tensor[] S_inv, Tensor[] G_inv, Tensor[] V) -> Tensor[]");
+  m.def("running_average_(Tensor(a!) L, Tensor B, float a, float b, Tensor(b!)? status=None) -> ()");
+  m.def("running_average_.tensor(Tensor(a!) L, Tensor B, Tensor a, Tensor b, Tensor(b!)? status=None) -> ()");
+  m.def("symmetrize_(Tensor(a!) A) -> ()");
+  m.def("_compiled_with_cuda() -> bool", &nhgd::compiled_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(nhgd_ext, CPU, m) {
+  m.impl("sherman_morrison_", &nhgd::sherman_morrison_cpu);
+  m.impl("sherman_morrison_.tensor", &nhgd::sherman_morrison_tensor_cpu);
+  m.impl("woodbury_", &nhgd::woodbury_cpu);
+  m.impl("woodbury_.tensor", &nhgd::woodbury_tensor_cpu);
+  m.impl("kfac_update_", &nhgd::kfac_update_cpu);
+  m.impl("kfac_update_.tensor", &nhgd::kfac_update_tensor_cpu);
+  m.impl("kfac_apply", &nhgd::kfac_apply_cpu);
+  m.impl("running_average_", &nhgd::running_average_cpu);
+  m.impl("running_average_.tensor", &nhgd::running_average_tensor_cpu);
+  m.impl("symmetrize_", &nhgd::symmetrize_cpu);
+}
