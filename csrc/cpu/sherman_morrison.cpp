@@ -27,10 +27,58 @@ namespace {
 // number of threads.
 constexpr int64_t kParts = 8;
 
+// Adds rows [r0, r1) of the symmetric product into acc. Row i below the
+// diagonal feeds u_i (a dot product) and, through the mirrored column, u_j for
+// j < i (an axpy), from one load of A. Four rows go together so that each
+// load and store of acc serves four rows of A.
 template <typename T>
-void lower_matvec_partials(const T* A, const T* g, int64_t d, T* partials /* kParts x d */) {
+void lower_matvec_rows(const T* A, const T* g, int64_t d, int64_t r0, int64_t r1, T* acc) {
   using V = Vec<T>;
   constexpr int N = V::kLanes;
+  constexpr int R = 4;
+  int64_t i0 = r0;
+  for (; i0 + R <= r1; i0 += R) {
+    const T* a0 = A + i0 * d;
+    const T *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+    const auto g0 = V::broadcast(g[i0]), g1 = V::broadcast(g[i0 + 1]);
+    const auto g2 = V::broadcast(g[i0 + 2]), g3 = V::broadcast(g[i0 + 3]);
+    auto d0 = V::broadcast(0), d1 = d0, d2 = d0, d3 = d0;
+    int64_t j = 0;
+    for (; j + N <= i0; j += N) {
+      const auto gj = V::load(g + j);
+      const auto x0 = V::load(a0 + j), x1 = V::load(a1 + j), x2 = V::load(a2 + j), x3 = V::load(a3 + j);
+      d0 += x0 * gj;
+      d1 += x1 * gj;
+      d2 += x2 * gj;
+      d3 += x3 * gj;
+      V::store(acc + j, V::load(acc + j) + ((x0 * g0 + x1 * g1) + (x2 * g2 + x3 * g3)));
+    }
+    const T dots[R] = {V::sum(d0), V::sum(d1), V::sum(d2), V::sum(d3)};
+    for (int r = 0; r < R; ++r) {
+      const T* Ar = A + (i0 + r) * d;
+      const T gr = g[i0 + r];
+      T dot = dots[r];
+      for (int64_t k = j; k < i0 + r; ++k) {
+        dot += Ar[k] * g[k];
+        acc[k] += Ar[k] * gr;
+      }
+      acc[i0 + r] += dot + Ar[i0 + r] * gr;
+    }
+  }
+  for (int64_t i = i0; i < r1; ++i) {
+    const T* Ai = A + i * d;
+    const T gi = g[i];
+    T dot = 0;
+    for (int64_t k = 0; k < i; ++k) {
+      dot += Ai[k] * g[k];
+      acc[k] += Ai[k] * gi;
+    }
+    acc[i] += dot + Ai[i] * gi;
+  }
+}
+
+template <typename T>
+void lower_matvec_partials(const T* A, const T* g, int64_t d, T* partials /* kParts x d */) {
   int64_t bounds[kParts + 1];
   for (int64_t p = 0; p <= kParts; ++p) {
     bounds[p] = std::min<int64_t>(d, std::llround(d * std::sqrt(double(p) / kParts)));
@@ -38,31 +86,7 @@ void lower_matvec_partials(const T* A, const T* g, int64_t d, T* partials /* kPa
   bounds[kParts] = d;
   std::fill(partials, partials + kParts * d, T(0));
   at::parallel_for(0, kParts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T* acc = partials + p * d;
-      for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
-        const T* Ai = A + i * d;
-        const T gi = g[i];
-        const auto vgi = V::broadcast(gi);
-        auto dot0 = V::broadcast(0), dot1 = V::broadcast(0);
-        int64_t j = 0;
-        // Row i below the diagonal feeds u_i (a dot product) and, through the
-        // mirrored column, u_j for j < i (an axpy) from one load of A.
-        for (; j + 2 * N <= i; j += 2 * N) {
-          const auto a0 = V::load(Ai + j), a1 = V::load(Ai + j + N);
-          dot0 += a0 * V::load(g + j);
-          dot1 += a1 * V::load(g + j + N);
-          V::store(acc + j, V::load(acc + j) + a0 * vgi);
-          V::store(acc + j + N, V::load(acc + j + N) + a1 * vgi);
-        }
-        T dot = V::sum(dot0 + dot1);
-        for (; j < i; ++j) {
-          dot += Ai[j] * g[j];
-          acc[j] += Ai[j] * gi;
-        }
-        acc[i] += dot + Ai[i] * gi;
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p) lower_matvec_rows(A, g, d, bounds[p], bounds[p + 1], partials + p * d);
   });
 }
 
