@@ -9,9 +9,11 @@ and, only where no compiler works, the pure-PyTorch reference with a warning.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -47,11 +49,26 @@ def _jit_build() -> None:
     )
 
 
+def _prebuilt_is_stale() -> bool:
+    """In a source checkout (editable install), whether the ahead-of-time
+    module predates an edit of csrc/: then it would silently run old kernels."""
+    spec = importlib.util.find_spec(__package__ + "._C")
+    if spec is None or spec.origin is None:
+        return False
+    root = _toolchain.source_root()
+    if root.parent != Path(__file__).resolve().parent.parent:  # installed wheel: sources are a copy
+        return False
+    built = os.path.getmtime(spec.origin)
+    return any(os.path.getmtime(p) > built for p in root.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"})
+
+
 def _load() -> None:
     if os.environ.get("NHGD_BACKEND") == "reference":
         _use_reference("NHGD_BACKEND=reference is set")
         return
     try:
+        if _prebuilt_is_stale():
+            raise ImportError("nhgd_ext._C is older than the sources in csrc/")
         from . import _C  # noqa: F401  (importing registers the operators)
     except ImportError:
         try:

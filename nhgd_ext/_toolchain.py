@@ -27,8 +27,9 @@ from pathlib import Path
 
 _PKG_DIR = Path(__file__).resolve().parent
 
-# Minimum language standard of the torch headers (torch >= 2.10 needs C++20).
-CXX_STD = "c++20"
+# No -std flag of ours: torch's extension builders add the standard that the
+# installed torch was compiled with (C++20 for torch 2.14), and compiling
+# against a torch in another standard than its own breaks at run time.
 
 # Compute capability compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST
 # is unset: the GPUs this project targets are H100 / H200.
@@ -364,7 +365,7 @@ def include_dirs(with_cuda: bool) -> list[str]:
 
 def cxx_flags(with_cuda: bool) -> list[str]:
     """Host compiler flags. ``NHGD_PORTABLE=1`` drops ``-march=native``."""
-    flags = ["-O3", f"-std={CXX_STD}"]
+    flags = ["-O3"]
     if not _env_flag("NHGD_PORTABLE"):
         flags.append("-march=native")
     if with_cuda:
@@ -374,7 +375,7 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 
 def nvcc_flags() -> list[str]:
     """nvcc flags for ``csrc/cuda/*.cu`` (the arch list comes from TORCH_CUDA_ARCH_LIST)."""
-    return ["-O3", f"-std={CXX_STD}", "-DNHGD_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+    return ["-O3", "-DNHGD_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def describe() -> dict:

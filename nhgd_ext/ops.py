@@ -43,9 +43,16 @@ def new_status(device: str | torch.device | None = None) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+def _canonical(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def skipped_updates(device: str | torch.device = "cuda", *, reset: bool = False) -> int:
     """Updates skipped on ``device`` by calls made without ``status=`` (synchronizes)."""
-    counter = _device_counters.get(torch.device(device))
+    counter = _device_counters.get(_canonical(device))
     if counter is None:
         return 0
     value = int(counter.item())
