@@ -26,7 +26,7 @@ NHGD_REQUIRE_COMPILED=1 NHGD_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest tests -q -rs -
 test_rc=${PIPESTATUS[0]}
 
 if [ -z "${NHGD_SKIP_BENCH:-}" ]; then
-  "$PY" -m pytest bench/bench_ops.py --benchmark-only -q -p no:cacheprovider \
+  "$PY" -m pytest bench/bench_ops.py --benchmark-only -q -p no:cacheprovider -k "${NHGD_BENCH_K:-cuda}" \
     --benchmark-columns=min,median,mean,rounds --benchmark-sort=name \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
 fi

@@ -1,0 +1,33 @@
+"""pytest configuration for the nhgd_ext tests.
+
+The helpers live in tests/nhgd_testing.py; this folder is put on sys.path so
+that the test modules can import them under any pytest import mode.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    """Every test starts from the same global RNG state (the tests themselves
+    draw from seeded generators; this covers anything that does not)."""
+    torch.manual_seed(1234)
+    yield
+
+
+def pytest_report_header(config):
+    try:
+        import nhgd_ext
+
+        return (f"nhgd_ext backend: cpu={nhgd_ext.backend('cpu')} default={nhgd_ext.backend()} "
+                f"compiled_with_cuda={nhgd_ext.compiled_with_cuda()} cuda_visible={torch.cuda.is_available()}")
+    except Exception as err:  # noqa: BLE001 - a header must not break collection
+        return f"nhgd_ext backend: import failed: {err!r}"

@@ -1,0 +1,158 @@
+"""Shared helpers for the nhgd_ext test suite (imported by the test modules;
+tests/conftest.py puts this folder on sys.path).
+
+Every reference in this suite is computed from first principles in float64:
+the state A holds M^-1, so the expected result of an update is the float64
+``torch.linalg.inv`` of the updated M, never another implementation of the
+update formula.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+_skip_without_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device visible")
+#: marks of every GPU test: the `gpu` marker (pyproject.toml) and a clean skip without a GPU
+CUDA_MARKS = (pytest.mark.gpu, _skip_without_cuda)
+
+
+def requires_cuda(fn):
+    """Decorator: a GPU-only test (marked `gpu`, skipped when no GPU is visible)."""
+    return pytest.mark.gpu(_skip_without_cuda(fn))
+
+
+#: devices every correctness test runs on; "cuda" skips cleanly without a GPU
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_MARKS)]
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
+
+#: how the coefficients a, b are passed: Python floats, 0-d CPU tensors, or
+#: (CUDA only) 0-d tensors on the state's device
+COEFF_KINDS = ["float", "cpu_tensor", "device_tensor"]
+
+
+def device_coeff_params():
+    """(device, coeff_kind) pairs: "device_tensor" only exists on CUDA."""
+    out = []
+    for dev, marks in (("cpu", ()), ("cuda", CUDA_MARKS)):
+        for kind in COEFF_KINDS:
+            if dev == "cpu" and kind == "device_tensor":
+                continue
+            out.append(pytest.param(dev, kind, id=f"{dev}-{kind}", marks=marks))
+    return out
+
+
+def coeff(value: float, kind: str, device, dtype=torch.float64):
+    """`value` as the op should receive it: a float or a 0-d tensor."""
+    if kind == "float":
+        return float(value)
+    if kind == "cpu_tensor":
+        return torch.tensor(value, dtype=dtype)
+    if kind == "device_tensor":
+        return torch.tensor(value, dtype=dtype, device=device)
+    raise AssertionError(kind)
+
+
+def gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def random_spd(d: int, *, batch: int | None = None, lo: float = 0.5, hi: float = 2.0,
+               seed: int = 0) -> torch.Tensor:
+    """Exactly symmetric float64 SPD matrix (or batch) with eigenvalues in [lo, hi]."""
+    rng = gen(seed)
+    shape = (d, d) if batch is None else (batch, d, d)
+    X = torch.randn(shape, generator=rng, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(X)
+    lam = lo + (hi - lo) * torch.rand(shape[:-1], generator=rng, dtype=torch.float64)
+    if d >= 2:  # pin the extremes so the condition number is exactly hi/lo
+        lam[..., 0] = lo
+        lam[..., -1] = hi
+    M = (Q * lam.unsqueeze(-2)) @ Q.mT
+    return 0.5 * (M + M.mT)  # fl(x + y) == fl(y + x): bitwise symmetric
+
+
+def state_from(A64: torch.Tensor, dtype, device) -> torch.Tensor:
+    """The float64 SPD matrix as op state (contiguous, exactly symmetric)."""
+    A = A64.to(dtype=dtype, device=device).contiguous()
+    assert torch.equal(A, A.mT)
+    return A
+
+
+def inv64(A: torch.Tensor) -> torch.Tensor:
+    """float64 inverse of the (rounded) state: the M the op actually starts from."""
+    M = torch.linalg.inv(A.detach().to("cpu", torch.float64))
+    return 0.5 * (M + M.mT)
+
+
+def direct_inverse(M: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(M.to(torch.float64))
+
+
+def rand_rows(*shape, seed: int, scale: float | None = None, dtype=torch.float64) -> torch.Tensor:
+    """Random rows of norm about 1 (entries ~ N(0, 1/d)), d = shape[-1]."""
+    x = torch.randn(shape, generator=gen(seed), dtype=torch.float64)
+    s = (1.0 / math.sqrt(shape[-1])) if scale is None else scale
+    return (x * s).to(dtype)
+
+
+def rel_err(X: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest (over a batch) relative Frobenius error of X against a float64 reference."""
+    X = X.detach().to("cpu", torch.float64)
+    ref = ref.to(torch.float64)
+    if X.dim() == 2:
+        X, ref = X.unsqueeze(0), ref.unsqueeze(0)
+    num = torch.linalg.matrix_norm(X - ref)
+    den = torch.linalg.matrix_norm(ref).clamp_min(1e-300)
+    return float((num / den).max())
+
+
+def tol(dtype, d: int, steps: int = 1, cond: float = 4.0) -> float:
+    """Relative Frobenius tolerance for an inverse update of a d x d state.
+
+    float64: 1e-10 flat. float32: a few ulps times sqrt(d) per step, times the
+    condition number of the state (4 for the spectra of `random_spd`); for
+    the sizes here this stays in 2e-6 .. 4e-5, far below the O(1) error the
+    misprinted coefficients of the paper's Algorithm 2 give (see
+    test_sherman_morrison.py::test_misprinted_coefficients_fail_tolerance).
+    """
+    if dtype == torch.float64:
+        return 1e-10
+    eps = torch.finfo(torch.float32).eps
+    return eps * cond * math.sqrt(steps) * (4 + math.sqrt(d))
+
+
+def assert_exactly_symmetric(A: torch.Tensor) -> None:
+    assert torch.equal(A, A.mT), "result is not bitwise symmetric"
+
+
+def snapshot(*tensors: torch.Tensor):
+    """(clone, data_ptr) of each tensor, to prove an op left its state alone."""
+    return [(t.clone(), t.data_ptr()) for t in tensors]
+
+
+def assert_unchanged(tensors, snap) -> None:
+    for t, (ref, ptr) in zip(tensors, snap):
+        assert t.data_ptr() == ptr, "state tensor was reallocated"
+        assert t.dtype == ref.dtype and t.shape == ref.shape
+        # equal_nan: a state that already held NaN must still hold it
+        if t.is_floating_point():
+            same = torch.equal(t.isnan(), ref.isnan()) and torch.equal(
+                torch.nan_to_num(t, nan=0.0), torch.nan_to_num(ref, nan=0.0))
+        else:
+            same = torch.equal(t, ref)
+        assert same, "state tensor changed although the op failed/skipped"
+
+
+def status_value(status: torch.Tensor) -> int:
+    return int(status.item())
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip() not in ("", "0", "false", "False")

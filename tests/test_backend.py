@@ -1,0 +1,93 @@
+"""Which implementation runs. CI sets NHGD_REQUIRE_COMPILED=1 and
+NHGD_REQUIRE_CUDA_BUILD=1, so a silent fallback to the reference fails CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nhgd_ext
+from nhgd_testing import CUDA, env_flag
+
+BACKENDS = {"cpp", "cuda", "reference"}
+
+
+def test_backend_values():
+    assert nhgd_ext.backend() in BACKENDS
+    assert nhgd_ext.backend("cpu") in {"cpp", "reference"}
+    assert nhgd_ext.backend(torch.device("cpu")) == nhgd_ext.backend("cpu")
+    assert isinstance(nhgd_ext.compiled_with_cuda(), bool)
+    if nhgd_ext.backend("cpu") == "reference":
+        assert nhgd_ext.backend() == "reference"
+        assert nhgd_ext.compiled_with_cuda() is False
+    if nhgd_ext.backend() == "cuda":
+        assert CUDA and nhgd_ext.compiled_with_cuda()
+    if CUDA and nhgd_ext.compiled_with_cuda():
+        assert nhgd_ext.backend() == "cuda"
+        assert nhgd_ext.backend("cuda") == "cuda"
+    if not CUDA:
+        assert nhgd_ext.backend() != "cuda"
+
+
+def test_compiled_with_cuda_matches_the_operator():
+    if nhgd_ext.backend("cpu") == "cpp":
+        assert nhgd_ext.compiled_with_cuda() == bool(torch.ops.nhgd_ext._compiled_with_cuda())
+
+
+@pytest.mark.skipif(not env_flag("NHGD_REQUIRE_COMPILED"), reason="NHGD_REQUIRE_COMPILED is not set")
+def test_compiled_backend_required():
+    assert nhgd_ext.backend("cpu") == "cpp", "the compiled CPU extension did not load (silent fallback?)"
+    if CUDA:
+        assert nhgd_ext.backend() == "cuda"
+
+
+@pytest.mark.skipif(not env_flag("NHGD_REQUIRE_CUDA_BUILD"), reason="NHGD_REQUIRE_CUDA_BUILD is not set")
+def test_cuda_build_required():
+    assert nhgd_ext.compiled_with_cuda() is True, "the extension was built without its CUDA kernels"
+
+
+_PROBE = r"""
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, nhgd_ext
+    from nhgd_ext import ops
+    kind = nhgd_ext.backend("cpu")
+    A = torch.eye(2)
+    ops.sherman_morrison_(A, torch.ones(2), 0.5, 0.5)
+print(json.dumps({"backend": kind, "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}))
+"""
+
+
+def _probe(env_extra):
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _nhgd_warnings(result):
+    return [w for w in result["warnings"] if "nhgd_ext" in w or "reference" in w.lower()]
+
+
+def test_forced_reference_backend_warns():
+    """NHGD_BACKEND=reference: the fallback is announced, never silent."""
+    result = _probe({"NHGD_BACKEND": "reference"})
+    assert result["backend"] == "reference"
+    assert _nhgd_warnings(result), result
+
+
+def test_this_process_backend_warns_iff_reference():
+    """The backend this process loaded: a reference backend warns; a compiled one does not."""
+    env = {k: v for k, v in os.environ.items() if k == "NHGD_BACKEND"}
+    result = _probe(env)
+    assert result["backend"] == nhgd_ext.backend("cpu")
+    if result["backend"] == "reference":
+        assert _nhgd_warnings(result), result
+    else:
+        assert not [w for w in result["warnings"] if "reference" in w.lower()], result
