@@ -1,8 +1,13 @@
 #include "checks.h"
 
+#include "cpu/simd.h"
+
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cmath>
 
 namespace nhgd {
@@ -185,10 +190,51 @@ void check_symmetrize_args(const at::Tensor& A) {
   check_square_state("symmetrize_", "A", A, /*allow_batch=*/true);
 }
 
+namespace {
+
+// x - x is 0 for finite x and NaN for an infinity or a NaN, so one vectorized
+// read of the data answers the question (at::isfinite(t).all() makes several
+// passes and allocates a mask as large as t).
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  using V = cpu::Vec<T>;
+  constexpr int N = V::kLanes;
+  auto acc = V::broadcast(0);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto x = V::load(p + i);
+    acc += x - x;
+  }
+  T tail = 0;
+  for (; i < n; ++i) tail += p[i] - p[i];
+  return V::sum(acc) + tail == T(0);
+}
+
+}  // namespace
+
+void check_pending_args(const char* op, const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g) {
+  check_square_state(op, "A", A, /*allow_batch=*/false);
+  check_like(op, "pending", pending, "A", A);
+  TORCH_CHECK_VALUE(pending.dim() == 1 && pending.size(0) == A.size(0) + 2 && pending.is_contiguous(), op,
+                    ": argument 'pending' must be a contiguous vector of d + 2 = ", A.size(0) + 2,
+                    " entries, got shape ", pending.sizes());
+  if (!g.defined()) return;
+  check_like(op, "g", g, "A", A);
+  TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == A.size(0), op, ": argument 'g' must have shape [", A.size(0),
+                    "] to match A, got ", g.sizes());
+}
+
 void check_finite(const char* op, const char* name, const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(t.device().is_cpu(), "check_finite reads values: host tensors only");
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), op, ": argument '", name,
-                    "' contains NaN or infinite values");
+  const at::Tensor c = t.contiguous();
+  std::atomic<bool> finite{true};
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "check_finite", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+      if (!all_finite(p + i0, i1 - i0)) finite = false;
+    });
+  });
+  TORCH_CHECK_VALUE(finite.load(), op, ": argument '", name, "' contains NaN or infinite values");
 }
 
 }  // namespace nhgd

@@ -96,6 +96,21 @@ void running_average_tensor_cpu(const at::Tensor& L, const at::Tensor& B, const 
   cpu::running_average_(L, B, ca, cb);
 }
 
+void sherman_morrison_deferred_cpu(const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g, double a,
+                                   double b, const std::optional<at::Tensor>& status) {
+  const char* op = "sherman_morrison_deferred_";
+  check_pending_args(op, A, pending, g);
+  check_sherman_morrison_args(A, g, status);
+  const double ca = host_coeff(op, "a", a, true).host;
+  const double cb = host_coeff(op, "b", b, false).host;
+  cpu::sherman_morrison_deferred_(A, pending, g, ca, cb);
+}
+
+void apply_pending_cpu(const at::Tensor& A, const at::Tensor& pending) {
+  check_pending_args("apply_pending_", A, pending, at::Tensor());
+  cpu::apply_pending_(A, pending);
+}
+
 void symmetrize_cpu(const at::Tensor& A) {
   check_symmetrize_args(A);
   cpu::symmetrize_(A);
@@ -121,6 +136,9 @@ TORCH_LIBRARY(nhgd_ext, m) {
   m.def("running_average_(Tensor(a!) L, Tensor B, float a, float b, Tensor(b!)? status=None) -> ()");
   m.def("running_average_.tensor(Tensor(a!) L, Tensor B, Tensor a, Tensor b, Tensor(b!)? status=None) -> ()");
   m.def("symmetrize_(Tensor(a!) A) -> ()");
+  m.def("sherman_morrison_deferred_(Tensor(a!) A, Tensor(b!) pending, Tensor g, float a, float b, "
+        "Tensor(c!)? status=None) -> ()");
+  m.def("apply_pending_(Tensor(a!) A, Tensor(b!) pending) -> ()");
   m.def("_compiled_with_cuda() -> bool", &nhgd::compiled_with_cuda);
 }
 
@@ -135,4 +153,6 @@ TORCH_LIBRARY_IMPL(nhgd_ext, CPU, m) {
   m.impl("running_average_", &nhgd::running_average_cpu);
   m.impl("running_average_.tensor", &nhgd::running_average_tensor_cpu);
   m.impl("symmetrize_", &nhgd::symmetrize_cpu);
+  m.impl("sherman_morrison_deferred_", &nhgd::sherman_morrison_deferred_cpu);
+  m.impl("apply_pending_", &nhgd::apply_pending_cpu);
 }

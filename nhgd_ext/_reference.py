@@ -25,6 +25,9 @@ SCHEMAS = {
     "running_average_": "(Tensor(a!) L, Tensor B, float a, float b, Tensor(b!)? status=None) -> ()",
     "running_average_.tensor": "(Tensor(a!) L, Tensor B, Tensor a, Tensor b, Tensor(b!)? status=None) -> ()",
     "symmetrize_": "(Tensor(a!) A) -> ()",
+    "sherman_morrison_deferred_": "(Tensor(a!) A, Tensor(b!) pending, Tensor g, float a, float b, "
+    "Tensor(c!)? status=None) -> ()",
+    "apply_pending_": "(Tensor(a!) A, Tensor(b!) pending) -> ()",
 }
 
 
@@ -187,7 +190,39 @@ def symmetrize_(A):
     A.copy_(A.tril() + A.tril(-1).mT)
 
 
+def _pending(op, A, pending):
+    _state(op, "A", A, batch=False)
+    _like(op, "pending", pending, "A", A)
+    if pending.shape != (A.shape[0] + 2,) or not pending.is_contiguous():
+        _fail(op, "pending", f"must be a contiguous vector of d + 2 = {A.shape[0] + 2} entries, got shape {list(pending.shape)}")
+
+
+def apply_pending_(A, pending):
+    _pending("apply_pending_", A, pending)
+    sym = A.tril() + A.tril(-1).mT
+    u = pending[2:]
+    A.copy_(pending[0] * sym - pending[1] * torch.outer(u, u))
+    pending.zero_()
+    pending[0] = 1
+
+
+def sherman_morrison_deferred_(A, pending, g, a, b, status=None):
+    op = "sherman_morrison_deferred_"
+    _pending(op, A, pending)
+    _like(op, "g", g, "A", A)
+    if g.shape != (A.shape[0],):
+        _fail(op, "g", f"must have shape [{A.shape[0]}] to match A, got {list(g.shape)}")
+    _status(op, status, A)
+    _coeff(op, "a", a, True)
+    _coeff(op, "b", b, False)
+    _finite(op, "g", g)
+    apply_pending_(A, pending)
+    sherman_morrison_(A, g, a, b)
+
+
 _IMPLS = {
+    "sherman_morrison_deferred_": sherman_morrison_deferred_,
+    "apply_pending_": apply_pending_,
     "symmetrize_": symmetrize_,
     "sherman_morrison_": sherman_morrison_,
     "sherman_morrison_.tensor": sherman_morrison_,

@@ -218,47 +218,14 @@ def nvidia_include_dirs() -> list[str]:
     return _nvidia_dirs("include")
 
 
-def library_dirs() -> list[str]:
-    """Library folders of the pip CUDA wheels (``nvidia/cu13/lib`` first)."""
-    return _nvidia_dirs("lib")
-
-
-def _find_library(name: str) -> tuple[str, str] | None:
-    """(folder, linker argument) for ``lib<name>.so``; versioned names need ``-l:``."""
-    folders = library_dirs()
-    home = cuda_home()
-    if home:
-        lib = _cudart_dir(Path(home))
-        if lib is not None:
-            folders.append(str(lib))
-    for folder in folders:
-        if (Path(folder) / f"lib{name}.so").exists():
-            return folder, f"-l{name}"
-        versioned = sorted(Path(folder).glob(f"lib{name}.so.*"), key=lambda p: len(p.name))
-        if versioned:  # the wheels ship libcublas.so.13 without libcublas.so
-            return folder, f"-l:{versioned[0].name}"
-    return None
-
-
 def ldflags(with_cuda: bool) -> list[str]:
-    """Extra linker arguments: cuBLAS from the pip wheel when building CUDA.
+    """Extra linker arguments.
 
-    The CUDA kernels may call cuBLAS directly (on torch's handle). The link is
-    wrapped in ``--as-needed`` so it costs nothing when they do not.
+    ``-fopenmp`` records a need for ``libgomp.so.1``; the dynamic linker meets
+    it with the copy torch has already loaded, so there is one OpenMP runtime
+    and one thread pool. (The CUDA kernels call no CUDA library directly.)
     """
-    if not with_cuda:
-        return []
-    found = _find_library("cublas")
-    if found is None:
-        return []
-    folder, arg = found
-    return [
-        f"-L{folder}",
-        "-Wl,--push-state,--as-needed",
-        arg,
-        "-Wl,--pop-state",
-        f"-Wl,-rpath,{folder}",
-    ]
+    return ["-fopenmp"]
 
 
 # --------------------------------------------------------------------------
@@ -365,7 +332,9 @@ def include_dirs(with_cuda: bool) -> list[str]:
 
 def cxx_flags(with_cuda: bool) -> list[str]:
     """Host compiler flags. ``NHGD_PORTABLE=1`` drops ``-march=native``."""
-    flags = ["-O3"]
+    # at::parallel_for is inline OpenMP code: without -fopenmp the CPU kernels
+    # would compile it into a serial loop.
+    flags = ["-O3", "-fopenmp"]
     if not _env_flag("NHGD_PORTABLE"):
         flags.append("-march=native")
     if with_cuda:
@@ -384,7 +353,6 @@ def describe() -> dict:
         "source_root": str(source_root()),
         "cuda_home": cuda_home(),
         "nvidia_include_dirs": nvidia_include_dirs(),
-        "library_dirs": library_dirs(),
         "ldflags(cuda)": ldflags(True),
     }
 

@@ -28,6 +28,9 @@ __all__ = [
     "kfac_apply",
     "running_average_",
     "symmetrize_",
+    "sherman_morrison_deferred_",
+    "apply_pending_",
+    "new_pending",
     "new_status",
     "skipped_updates",
     "running_average_coeffs",
@@ -117,6 +120,41 @@ def sherman_morrison_(
     return A
 
 
+def new_pending(d: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """An empty pending update for :func:`sherman_morrison_deferred_`: [alpha=1, c=0, u=0]."""
+    pending = torch.zeros(d + 2, dtype=dtype, device=device)
+    pending[0] = 1
+    return pending
+
+
+def sherman_morrison_deferred_(
+    A: torch.Tensor, pending: torch.Tensor, g: torch.Tensor, a: float, b: float, *, status: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`sherman_morrison_` in one pass over A per update (A d x d).
+
+    The state is the pair (A, pending) with pending = [alpha, c, u], standing
+    for alpha * A - c * u u^T where A is read through its lower triangle. Each
+    call applies the pending update in the same pass that computes the new
+    product A g, then leaves its own update pending. Call
+    :func:`apply_pending_` before reading A itself. (On CUDA the update is
+    applied at once and ``pending`` stays empty.)
+    """
+    op = "sherman_morrison_deferred_"
+    A, pending, g = _tensor(op, "A", A), _tensor(op, "pending", pending), _tensor(op, "g", g)
+    _, (ca, cb) = _coeffs(op, a=a, b=b)
+    if isinstance(ca, torch.Tensor):
+        raise ValueError(f"{op}: arguments 'a' and 'b' must be Python floats")
+    _ops.sherman_morrison_deferred_(A, pending, g, ca, cb, _status_for(A, status))
+    return A
+
+
+def apply_pending_(A: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+    """Writes the pending update into A (both triangles) and empties ``pending``."""
+    op = "apply_pending_"
+    _ops.apply_pending_(_tensor(op, "A", A), _tensor(op, "pending", pending))
+    return A
+
+
 def symmetrize_(A: torch.Tensor) -> torch.Tensor:
     """Copies the lower triangle of A (d x d or n x d x d) onto its upper triangle."""
     _ops.symmetrize_(_tensor("symmetrize_", "A", A))
@@ -186,7 +224,8 @@ def _no_output(*args, **kwargs) -> None:
 for _name in ("sherman_morrison_", "woodbury_", "kfac_update_", "running_average_"):
     for _overload in ("", ".tensor"):
         torch.library.register_fake(f"nhgd_ext::{_name}{_overload}")(_no_output)
-torch.library.register_fake("nhgd_ext::symmetrize_")(_no_output)
+for _name in ("symmetrize_", "sherman_morrison_deferred_", "apply_pending_"):
+    torch.library.register_fake(f"nhgd_ext::{_name}")(_no_output)
 
 
 @torch.library.register_fake("nhgd_ext::kfac_apply")

@@ -13,6 +13,15 @@ namespace nhgd::cpu {
 // left stale, for symmetrize_); otherwise all of A, which stays exactly
 // symmetric when it was.
 void sherman_morrison_(const at::Tensor& A, const at::Tensor& g, double a, double b, bool lower_only);
+// Deferred form on the lower triangle (DESIGN.md §2.1, one pass over A per
+// update): the state is the pair (A, pending) with pending = [alpha, c, u]
+// meaning A_true = alpha tril-sym(A) - c u u^T. Each call applies the pending
+// update in the pass that computes A_true g, then leaves the new update
+// pending. apply_pending_ writes it out and mirrors the lower triangle.
+void sherman_morrison_deferred_(const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g, double a,
+                                double b);
+void apply_pending_(const at::Tensor& A, const at::Tensor& pending);
+
 void woodbury_(const at::Tensor& A, const at::Tensor& H, double a);
 void kfac_update_(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
                   at::TensorList grads, double a, double b);

@@ -1,5 +1,6 @@
 // Running cross-derivative average L <- a L + b B (DESIGN.md §2.4), one pass.
 #include "cpu/kernels.h"
+#include "cpu/simd.h"
 #include "checks.h"
 
 #include <ATen/ATen.h>
@@ -15,8 +16,13 @@ void running_average_(const at::Tensor& L, const at::Tensor& B, double a, double
     scalar_t* l = L.data_ptr<scalar_t>();
     const scalar_t* x = Bc.data_ptr<scalar_t>();
     const scalar_t ca = static_cast<scalar_t>(a), cb = static_cast<scalar_t>(b);
+    using V = Vec<scalar_t>;
+    constexpr int N = V::kLanes;
+    const auto va = V::broadcast(ca), vb = V::broadcast(cb);
     at::parallel_for(0, L.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) l[i] = ca * l[i] + cb * x[i];
+      int64_t i = i0;
+      for (; i + N <= i1; i += N) V::store(l + i, va * V::load(l + i) + vb * V::load(x + i));
+      for (; i < i1; ++i) l[i] = ca * l[i] + cb * x[i];
     });
   });
 }

@@ -102,11 +102,44 @@ void sherman_morrison_tensor_cuda(const at::Tensor& A, const at::Tensor& g, cons
                                   bool /*lower_only*/) {
   const char* op = "sherman_morrison_";
   check_sherman_morrison_args(A, g, status);
-  require_cuda(op, "A", A);
-  const c10::cuda::CUDAGuard guard(A.device());
   const Coeff ca = tensor_coeff(op, "a", a, A, true);
   const Coeff cb = tensor_coeff(op, "b", b, A, false);
+  require_cuda(op, "A", A);
+  const c10::cuda::CUDAGuard guard(A.device());
   sherman_morrison_launch(A, g, ca, cb, status);
+}
+
+// --------------------------------------------------------------------------- deferred form
+
+// On CUDA the deferred form runs eagerly: the fused kernel already makes one
+// pass per update, so the pending update is applied at once and left empty.
+// A <- alpha A - c u u^T keeps A exactly symmetric (u_i u_j == u_j u_i).
+void apply_pending_now(const at::Tensor& A, const at::Tensor& pending) {
+  const int64_t d = A.size(0);
+  const at::Tensor u = pending.narrow(0, 2, d);
+  A.mul_(pending.narrow(0, 0, 1)).sub_(at::outer(u, u).mul_(pending.narrow(0, 1, 1)));
+  pending.zero_();
+  pending.narrow(0, 0, 1).fill_(1);
+}
+
+void sherman_morrison_deferred_cuda(const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g, double a,
+                                    double b, const std::optional<at::Tensor>& status) {
+  const char* op = "sherman_morrison_deferred_";
+  check_pending_args(op, A, pending, g);
+  check_sherman_morrison_args(A, g, status);
+  require_cuda(op, "A", A);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const Coeff ca = host_coeff(op, "a", a, true);
+  const Coeff cb = host_coeff(op, "b", b, false);
+  apply_pending_now(A, pending);
+  sherman_morrison_launch(A, g, ca, cb, status);
+}
+
+void apply_pending_cuda(const at::Tensor& A, const at::Tensor& pending) {
+  check_pending_args("apply_pending_", A, pending, at::Tensor());
+  require_cuda("apply_pending_", "A", A);
+  const c10::cuda::CUDAGuard guard(A.device());
+  apply_pending_now(A, pending);
 }
 
 // --------------------------------------------------------------------------- symmetrize_
@@ -190,9 +223,9 @@ void woodbury_tensor_cuda(const at::Tensor& A, const at::Tensor& H, const at::Te
                           const std::optional<at::Tensor>& status) {
   const char* op = "woodbury_";
   check_woodbury_args(A, H, status);
+  woodbury_launch(A, H, tensor_coeff(op, "a", a, A, true), status);
   require_cuda(op, "A", A);
   const c10::cuda::CUDAGuard guard(A.device());
-  woodbury_launch(A, H, tensor_coeff(op, "a", a, A, true), status);
 }
 
 // --------------------------------------------------------------------------- kfac_update_
@@ -367,10 +400,10 @@ void kfac_update_tensor_cuda(at::TensorList S_inv, at::TensorList G_inv, at::Ten
                              const std::optional<at::Tensor>& status) {
   const char* op = "kfac_update_";
   check_kfac_update_args(S_inv, G_inv, acts, grads, status);
-  require_cuda(op, "S_inv", S_inv[0]);
-  const c10::cuda::CUDAGuard guard(S_inv[0].device());
   const Coeff ca = tensor_coeff(op, "a", a, S_inv[0], true);
   const Coeff cb = tensor_coeff(op, "b", b, S_inv[0], false);
+  require_cuda(op, "S_inv", S_inv[0]);
+  const c10::cuda::CUDAGuard guard(S_inv[0].device());
   kfac_update_launch(S_inv, G_inv, acts, grads, ca, cb, status);
 }
 
@@ -475,10 +508,10 @@ void running_average_tensor_cuda(const at::Tensor& L, const at::Tensor& B, const
                                  const at::Tensor& b, const std::optional<at::Tensor>& status) {
   const char* op = "running_average_";
   check_running_average_args(L, B, status);
-  require_cuda(op, "L", L);
-  const c10::cuda::CUDAGuard guard(L.device());
   const Coeff ca = tensor_coeff(op, "a", a, L, true);
   const Coeff cb = tensor_coeff(op, "b", b, L, false);
+  require_cuda(op, "L", L);
+  const c10::cuda::CUDAGuard guard(L.device());
   running_average_launch(L, B, ca, cb, status);
 }
 
@@ -496,4 +529,6 @@ TORCH_LIBRARY_IMPL(nhgd_ext, CUDA, m) {
   m.impl("running_average_", &nhgd::running_average_cuda);
   m.impl("running_average_.tensor", &nhgd::running_average_tensor_cuda);
   m.impl("symmetrize_", &nhgd::symmetrize_cuda);
+  m.impl("sherman_morrison_deferred_", &nhgd::sherman_morrison_deferred_cuda);
+  m.impl("apply_pending_", &nhgd::apply_pending_cuda);
 }
