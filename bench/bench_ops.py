@@ -139,7 +139,7 @@ def _rounds(device, cpu, cuda):
 # --------------------------------------------------------------------------- sherman_morrison_
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["nhgd_ext_lower_only"])
+@pytest.mark.parametrize("impl", IMPLS + ["nhgd_ext_lower_only", "nhgd_ext_deferred"])
 @pytest.mark.parametrize("d", [512, 2048, 4096, 8192])
 @pytest.mark.parametrize("device", DEVICES)
 def test_sherman_morrison(benchmark, device, d, impl):
@@ -148,7 +148,14 @@ def test_sherman_morrison(benchmark, device, d, impl):
     A = spd(d, 0, device)
     bank = [(rows((d,), 100 + i, device),) for i in range(64)]
     a, b = ops.ema_coeffs(BETA)
-    if impl.startswith("nhgd_ext"):
+    state = [A]
+    if impl == "nhgd_ext_deferred":
+        pending = ops.new_pending(d, device=device)
+        state.append(pending)
+
+        def step(g):
+            ops.sherman_morrison_deferred_(A, pending, g, a, b)
+    elif impl.startswith("nhgd_ext"):
         lower_only = impl.endswith("lower_only")
 
         def step(g):
@@ -158,7 +165,7 @@ def test_sherman_morrison(benchmark, device, d, impl):
             eager_sherman_morrison_(A, g, a, b)
     _check_same(lambda X, g: ops.sherman_morrison_(X, g, a, b), lambda X, g: eager_sherman_morrison_(X, g, a, b),
                 A, bank[0][0])
-    run(benchmark, group=f"sherman_morrison_ {device} d={d} f32", device=device, step=step, state=[A], bank=bank,
+    run(benchmark, group=f"sherman_morrison_ {device} d={d} f32", device=device, step=step, state=state, bank=bank,
         rounds=_rounds(device, 400 if d == 512 else 100, 200), reset_every=256,
         inner=1 if device == "cpu" else 20)
 

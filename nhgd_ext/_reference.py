@@ -148,6 +148,9 @@ def kfac_update_(S_inv, G_inv, acts, grads, a, b, status=None):
             _fail(op, "acts", f"must have shape [n >= 1, {S.shape[0]}], got {list(x.shape)}")
         if d.dim() != 2 or d.shape[1] != G.shape[0] or d.shape[0] < 1:
             _fail(op, "grads", f"must have shape [m >= 1, {G.shape[0]}], got {list(d.shape)}")
+    factors_seen = [id(F) for F in list(S_inv) + list(G_inv)]
+    if len(set(factors_seen)) != len(factors_seen):
+        _fail(op, "S_inv", "and 'G_inv' must not repeat a tensor")
     _status(op, status, S_inv[0])
     a, b = _coeff(op, "a", a, True), _coeff(op, "b", b, False)
     for x, d in zip(acts, grads):
@@ -165,6 +168,13 @@ def kfac_apply(S_inv, G_inv, V):
         if len(lst) != len(S_inv):
             _fail(op, name, f"has {len(lst)} tensors but 'S_inv' has {len(S_inv)}")
     for S, G, v in zip(S_inv, G_inv, V):
+        for name, F in (("S_inv", S), ("G_inv", G)):
+            if F.dim() != 2 or F.shape[0] != F.shape[1]:
+                _fail(op, name, f"must be a square matrix, got shape {list(F.shape)}")
+        if S.dtype not in (torch.float32, torch.float64):
+            _fail(op, "S_inv", f"must be float32 or float64, got {S.dtype}")
+        _like(op, "G_inv", G, "S_inv", S)
+        _like(op, "V", v, "S_inv", S)
         if v.shape != (G.shape[0], S.shape[0]):
             _fail(op, "V", f"must have shape [{G.shape[0]}, {S.shape[0]}], got {list(v.shape)}")
     return [G @ v @ S for S, G, v in zip(S_inv, G_inv, V)]

@@ -28,6 +28,13 @@ def sample_inputs(device, dtype):
     H = rand_rows(3, 6, seed=3, dtype=dtype).to(device)
     Hb = rand_rows(2, 3, 6, seed=4, dtype=dtype).to(device)
     st = lambda: ops.new_status(device)  # noqa: E731
+
+    def pending():  # a pending update that is not empty, so every path runs
+        p = ops.new_pending(6, dtype=dtype, device=device)
+        p[0], p[1] = 1.25, 0.01
+        p[2:] = rand_rows(6, seed=5, dtype=dtype).to(device)
+        return p
+
     S = lambda: [_spd(3, dtype, device, seed=10), _spd(5, dtype, device, seed=11)]  # noqa: E731
     G = lambda: [_spd(2, dtype, device, seed=12), _spd(4, dtype, device, seed=13)]  # noqa: E731
     acts = [rand_rows(4, 3, seed=14, dtype=dtype).to(device), rand_rows(2, 5, seed=15, dtype=dtype).to(device)]
@@ -47,6 +54,9 @@ def sample_inputs(device, dtype):
         ("sm_tensor_lower_only", OPS.sherman_morrison_.tensor, (A(batch=2), gb, ta, tb),
          {"status": st(), "lower_only": True}),
         ("symmetrize", OPS.symmetrize_.default, (A(),), {}),
+        ("deferred", OPS.sherman_morrison_deferred_.default, (A(), pending(), g, 0.9, 0.1), {}),
+        ("deferred_status", OPS.sherman_morrison_deferred_.default, (A(), pending(), g, 0.9, 0.1, st()), {}),
+        ("apply_pending", OPS.apply_pending_.default, (A(), pending()), {}),
         ("symmetrize_batched", OPS.symmetrize_.default, (rand_rows(3, 5, 5, seed=22, dtype=dtype).to(device),), {}),
         ("wb", OPS.woodbury_.default, (A(), H, 0.8), {}),
         ("wb_batched_status", OPS.woodbury_.default, (A(batch=2), Hb, 0.8, st()), {}),
@@ -76,6 +86,7 @@ def test_every_overload_is_covered():
         "nhgd_ext.kfac_apply.default",
         "nhgd_ext.running_average_.default", "nhgd_ext.running_average_.tensor",
         "nhgd_ext.symmetrize_.default",
+        "nhgd_ext.sherman_morrison_deferred_.default", "nhgd_ext.apply_pending_.default",
     }
     assert covered == expected
 
