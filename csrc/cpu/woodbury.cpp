@@ -38,7 +38,7 @@ at::Tensor prepare(const char* op, const std::string& where, const at::Tensor& A
 // exactly symmetric result.
 void apply(const at::Tensor& A2, const at::Tensor& Y2, double a) {
   const int64_t d = A2.size(0);
-  constexpr int64_t kBlock = 128;
+  constexpr int64_t kBlock = 512;
   for (int64_t r0 = 0; r0 < d; r0 += kBlock) {
     const int64_t r1 = std::min(d, r0 + kBlock);
     at::Tensor rows = A2.narrow(0, r0, r1 - r0).narrow(1, 0, r1);
