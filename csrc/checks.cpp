@@ -9,6 +9,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <string>
 
 namespace nhgd {
 namespace {
@@ -26,11 +28,11 @@ void check_square_state(const char* op, const char* name, const at::Tensor& A, b
   const bool rank_ok = A.dim() == 2 || (allow_batch && A.dim() == 3);
   TORCH_CHECK_VALUE(rank_ok, op, ": argument '", name, "' must be ",
                     allow_batch ? "a d x d matrix or an n x d x d batch" : "a d x d matrix",
-                    ", got shape ", A.sizes());
+                    ", got shape ", text(A.sizes()));
   TORCH_CHECK_VALUE(A.size(-1) == A.size(-2), op, ": argument '", name,
-                    "' must be square, got shape ", A.sizes());
+                    "' must be square, got shape ", text(A.sizes()));
   TORCH_CHECK_VALUE(A.size(-1) >= 1, op, ": argument '", name, "' must have d >= 1, got shape ",
-                    A.sizes());
+                    text(A.sizes()));
   TORCH_CHECK_VALUE(A.is_contiguous(), op, ": argument '", name,
                     "' must be contiguous (it is updated in place)");
 }
@@ -52,24 +54,24 @@ void check_status(const char* op, const std::optional<at::Tensor>& status, const
   TORCH_CHECK_VALUE(s.defined(), op, ": argument 'status' is undefined");
   TORCH_CHECK_VALUE(s.scalar_type() == at::kInt && s.numel() == 1, op,
                     ": argument 'status' must be an int32 tensor with one element, got ",
-                    s.scalar_type(), " of shape ", s.sizes());
+                    s.scalar_type(), " of shape ", text(s.sizes()));
   TORCH_CHECK_VALUE(s.device() == state.device(), op, ": argument 'status' must be on ",
                     state.device(), ", got ", s.device());
 }
 
 void check_coeff_value(const char* op, const char* name, double v, bool strictly_positive) {
-  TORCH_CHECK_VALUE(std::isfinite(v), op, ": argument '", name, "' must be finite, got ", v);
+  TORCH_CHECK_VALUE(std::isfinite(v), op, ": argument '", name, "' must be finite, got ", text(v));
   if (strictly_positive) {
-    TORCH_CHECK_VALUE(v > 0.0, op, ": argument '", name, "' must be > 0, got ", v);
+    TORCH_CHECK_VALUE(v > 0.0, op, ": argument '", name, "' must be > 0, got ", text(v));
   } else {
-    TORCH_CHECK_VALUE(v >= 0.0, op, ": argument '", name, "' must be >= 0, got ", v);
+    TORCH_CHECK_VALUE(v >= 0.0, op, ": argument '", name, "' must be >= 0, got ", text(v));
   }
 }
 
 void check_list_sizes(const char* op, at::TensorList first, const char* first_name,
                       at::TensorList other, const char* other_name) {
   TORCH_CHECK_VALUE(first.size() == other.size(), op, ": argument '", other_name, "' has ",
-                    other.size(), " tensors but '", first_name, "' has ", first.size());
+                    text(other.size()), " tensors but '", first_name, "' has ", text(first.size()));
 }
 
 }  // namespace
@@ -83,7 +85,7 @@ Coeff tensor_coeff(const char* op, const char* name, const at::Tensor& t, const 
                    bool strictly_positive) {
   TORCH_CHECK_VALUE(t.defined(), op, ": argument '", name, "' is undefined");
   TORCH_CHECK_VALUE(t.dim() == 0, op, ": argument '", name,
-                    "' must be a Python float or a 0-d tensor, got shape ", t.sizes());
+                    "' must be a Python float or a 0-d tensor, got shape ", text(t.sizes()));
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op, ": argument '", name,
                     "' must be a floating-point tensor, got ", t.scalar_type());
   if (t.device().is_cpu()) {
@@ -102,8 +104,8 @@ void check_sherman_morrison_args(const at::Tensor& A, const at::Tensor& g,
   check_square_state(op, "A", A, /*allow_batch=*/true);
   check_like(op, "g", g, "A", A);
   const auto expected = A.sizes().slice(0, A.dim() - 1);
-  TORCH_CHECK_VALUE(g.sizes() == expected, op, ": argument 'g' must have shape ", expected,
-                    " to match A of shape ", A.sizes(), ", got ", g.sizes());
+  TORCH_CHECK_VALUE(g.sizes() == expected, op, ": argument 'g' must have shape ", text(expected),
+                    " to match A of shape ", text(A.sizes()), ", got ", text(g.sizes()));
   check_status(op, status, A);
 }
 
@@ -114,11 +116,11 @@ void check_woodbury_args(const at::Tensor& A, const at::Tensor& H,
   check_like(op, "H", H, "A", A);
   TORCH_CHECK_VALUE(H.dim() == A.dim(), op, ": argument 'H' must be ",
                     A.dim() == 2 ? "a k x d matrix" : "an n x k x d batch", " to match A of shape ",
-                    A.sizes(), ", got shape ", H.sizes());
+                    text(A.sizes()), ", got shape ", text(H.sizes()));
   const bool batch_ok = A.dim() == 2 || H.size(0) == A.size(0);
   TORCH_CHECK_VALUE(batch_ok && H.size(-1) == A.size(-1) && H.size(-2) >= 1, op,
                     ": argument 'H' must have shape [", A.dim() == 3 ? "n, " : "", "k >= 1, ",
-                    A.size(-1), "] to match A of shape ", A.sizes(), ", got ", H.sizes());
+                    text(A.size(-1)), "] to match A of shape ", text(A.sizes()), ", got ", text(H.sizes()));
   check_status(op, status, A);
 }
 
@@ -137,19 +139,19 @@ void check_kfac_update_args(at::TensorList S_inv, at::TensorList G_inv, at::Tens
     check_like(op, "acts", acts[i], "S_inv", S_inv[i]);
     check_like(op, "grads", grads[i], "G_inv", G_inv[i]);
     TORCH_CHECK_VALUE(acts[i].dim() == 2 && acts[i].size(1) == S_inv[i].size(0) && acts[i].size(0) >= 1,
-                      op, ": argument 'acts' [layer ", i, "] must have shape [n >= 1, ",
-                      S_inv[i].size(0), "] to match S_inv, got ", acts[i].sizes());
+                      op, ": argument 'acts' [layer ", text(i), "] must have shape [n >= 1, ",
+                      text(S_inv[i].size(0)), "] to match S_inv, got ", text(acts[i].sizes()));
     TORCH_CHECK_VALUE(grads[i].dim() == 2 && grads[i].size(1) == G_inv[i].size(0) && grads[i].size(0) >= 1,
-                      op, ": argument 'grads' [layer ", i, "] must have shape [m >= 1, ",
-                      G_inv[i].size(0), "] to match G_inv, got ", grads[i].sizes());
+                      op, ": argument 'grads' [layer ", text(i), "] must have shape [m >= 1, ",
+                      text(G_inv[i].size(0)), "] to match G_inv, got ", text(grads[i].sizes()));
     for (size_t j = 0; j < i; ++j) {
       TORCH_CHECK_VALUE(!S_inv[i].is_same(S_inv[j]) && !G_inv[i].is_same(G_inv[j]) &&
                             !S_inv[i].is_same(G_inv[j]) && !G_inv[i].is_same(S_inv[j]),
-                        op, ": arguments 'S_inv'/'G_inv' must not repeat a tensor (layers ", j,
-                        " and ", i, ")");
+                        op, ": arguments 'S_inv'/'G_inv' must not repeat a tensor (layers ", text(j),
+                        " and ", text(i), ")");
     }
     TORCH_CHECK_VALUE(!S_inv[i].is_same(G_inv[i]), op,
-                      ": arguments 'S_inv' and 'G_inv' must be different tensors (layer ", i, ")");
+                      ": arguments 'S_inv' and 'G_inv' must be different tensors (layer ", text(i), ")");
   }
   check_status(op, status, S_inv[0]);
 }
@@ -160,16 +162,16 @@ void check_kfac_apply_args(at::TensorList S_inv, at::TensorList G_inv, at::Tenso
   check_list_sizes(op, S_inv, "S_inv", V, "V");
   for (size_t i = 0; i < S_inv.size(); ++i) {
     TORCH_CHECK_VALUE(S_inv[i].defined() && S_inv[i].dim() == 2 && S_inv[i].size(0) == S_inv[i].size(1),
-                      op, ": argument 'S_inv' [layer ", i, "] must be a square matrix");
+                      op, ": argument 'S_inv' [layer ", text(i), "] must be a square matrix");
     TORCH_CHECK_VALUE(G_inv[i].defined() && G_inv[i].dim() == 2 && G_inv[i].size(0) == G_inv[i].size(1),
-                      op, ": argument 'G_inv' [layer ", i, "] must be a square matrix");
+                      op, ": argument 'G_inv' [layer ", text(i), "] must be a square matrix");
     TORCH_CHECK_VALUE(is_float_state_dtype(S_inv[i].scalar_type()), op,
                       ": argument 'S_inv' must be float32 or float64, got ", S_inv[i].scalar_type());
     check_like(op, "G_inv", G_inv[i], "S_inv", S_inv[i]);
     check_like(op, "V", V[i], "S_inv", S_inv[i]);
     TORCH_CHECK_VALUE(V[i].dim() == 2 && V[i].size(0) == G_inv[i].size(0) && V[i].size(1) == S_inv[i].size(0),
-                      op, ": argument 'V' [layer ", i, "] must have shape [", G_inv[i].size(0), ", ",
-                      S_inv[i].size(0), "], got ", V[i].sizes());
+                      op, ": argument 'V' [layer ", text(i), "] must have shape [", text(G_inv[i].size(0)), ", ",
+                      text(S_inv[i].size(0)), "], got ", text(V[i].sizes()));
   }
 }
 
@@ -181,8 +183,8 @@ void check_running_average_args(const at::Tensor& L, const at::Tensor& B,
                     ": argument 'L' must be float32 or float64, got ", L.scalar_type());
   TORCH_CHECK_VALUE(L.is_contiguous(), op, ": argument 'L' must be contiguous (it is updated in place)");
   check_like(op, "B", B, "L", L);
-  TORCH_CHECK_VALUE(B.sizes() == L.sizes(), op, ": argument 'B' must have the shape of L ", L.sizes(),
-                    ", got ", B.sizes());
+  TORCH_CHECK_VALUE(B.sizes() == L.sizes(), op, ": argument 'B' must have the shape of L ", text(L.sizes()),
+                    ", got ", text(B.sizes()));
   check_status(op, status, L);
 }
 
@@ -216,12 +218,27 @@ void check_pending_args(const char* op, const at::Tensor& A, const at::Tensor& p
   check_square_state(op, "A", A, /*allow_batch=*/false);
   check_like(op, "pending", pending, "A", A);
   TORCH_CHECK_VALUE(pending.dim() == 1 && pending.size(0) == A.size(0) + 2 && pending.is_contiguous(), op,
-                    ": argument 'pending' must be a contiguous vector of d + 2 = ", A.size(0) + 2,
-                    " entries, got shape ", pending.sizes());
+                    ": argument 'pending' must be a contiguous vector of d + 2 = ", text(A.size(0) + 2),
+                    " entries, got shape ", text(pending.sizes()));
   if (!g.defined()) return;
   check_like(op, "g", g, "A", A);
-  TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == A.size(0), op, ": argument 'g' must have shape [", A.size(0),
-                    "] to match A, got ", g.sizes());
+  TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == A.size(0), op, ": argument 'g' must have shape [", text(A.size(0)),
+                    "] to match A, got ", text(g.sizes()));
+}
+
+std::string text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.6g", v);
+  return buf;
+}
+
+std::string text(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  return out + "]";
 }
 
 void check_finite(const char* op, const char* name, const at::Tensor& t) {

@@ -10,6 +10,8 @@
 #include <ATen/core/ATen_fwd.h>
 
 #include <optional>
+#include <string>
+#include <type_traits>
 
 namespace nhgd {
 
@@ -39,6 +41,17 @@ void check_running_average_args(const at::Tensor& L, const at::Tensor& B,
 void check_symmetrize_args(const at::Tensor& A);
 // `op` is sherman_morrison_deferred_ (with g) or apply_pending_ (g undefined).
 void check_pending_args(const char* op, const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g);
+
+// Numbers and shapes as text for error messages, converted here rather than
+// streamed into the message: on one machine (GCC 13.3 building against torch
+// 2.11) every check whose message streamed a number crashed the process while
+// messages made of text alone raised as they should. See bench/RESULTS.md.
+template <typename I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+std::string text(I v) {
+  return std::to_string(v);
+}
+std::string text(double v);
+std::string text(at::IntArrayRef shape);
 
 // Host tensors only: ValueError naming `name` if any element is NaN or infinite.
 void check_finite(const char* op, const char* name, const at::Tensor& t);

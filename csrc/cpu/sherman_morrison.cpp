@@ -195,7 +195,7 @@ void sherman_morrison_impl(const at::Tensor& A, const at::Tensor& g, double a, d
     for (int64_t i = 0; i < d; ++i) q += double(gp[m * d + i]) * double(um[i]);
     const double den = 1.0 + s * q;
     TORCH_CHECK(std::isfinite(den) && den > 0.0,
-                "sherman_morrison_: the denominator 1 + (b/a) g^T A g = ", den,
+                "sherman_morrison_: the denominator 1 + (b/a) g^T A g = ", text(den),
                 n > 1 ? " (batch element " + std::to_string(m) + ")" : std::string(),
                 " is not positive: A is not positive definite; A was left unchanged");
     coef[m] = static_cast<T>((s / a) / den);
@@ -232,7 +232,7 @@ void deferred_impl(const at::Tensor& A, const at::Tensor& pending, const at::Ten
   const double s = b / a;
   const double den = 1.0 + s * q;
   TORCH_CHECK(std::isfinite(den) && den > 0.0, "sherman_morrison_deferred_: the denominator 1 + (b/a) g^T A g = ",
-              den, " is not positive: A is not positive definite; the state was left unchanged");
+              text(den), " is not positive: A is not positive definite; the state was left unchanged");
   P[0] = static_cast<T>(1.0 / a);
   P[1] = static_cast<T>((s / a) / den);
   std::copy(v.begin(), v.end(), P + 2);

@@ -26,7 +26,7 @@ at::Tensor prepare(const char* op, const std::string& where, const at::Tensor& A
   at::Tensor C = at::matmul(H, U);
   C.diagonal(0, -2, -1).add_(a);
   auto [Lc, info] = at::linalg_cholesky_ex(C);
-  TORCH_CHECK(info.eq(0).all().item<bool>(), op, ": the ", k, " x ", k,
+  TORCH_CHECK(info.eq(0).all().item<bool>(), op, ": the ", text(k), " x ", text(k),
               " system a I + H A H^T", where,
               " is not positive definite: A is not positive definite; the state was left unchanged");
   // Y L^T = U  <=>  Y = U L^-T.
