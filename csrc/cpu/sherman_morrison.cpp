@@ -112,14 +112,19 @@ void lower_matvec_rows(T* A, const T* g, int64_t d, int64_t r0, int64_t r1, T* a
   }
 }
 
-template <typename T>
-void lower_matvec_partials(T* A, const T* g, int64_t d, T* partials /* kParts x d */,
-                           Pending<T> pending = {}) {
-  int64_t bounds[kParts + 1];
+// Row ranges [bounds[p], bounds[p+1]) holding equal shares of the lower triangle.
+inline void triangle_bounds(int64_t d, int64_t (&bounds)[kParts + 1]) {
   for (int64_t p = 0; p <= kParts; ++p) {
     bounds[p] = std::min<int64_t>(d, std::llround(d * std::sqrt(double(p) / kParts)));
   }
   bounds[kParts] = d;
+}
+
+template <typename T>
+void lower_matvec_partials(T* A, const T* g, int64_t d, T* partials /* kParts x d */,
+                           Pending<T> pending = {}) {
+  int64_t bounds[kParts + 1];
+  triangle_bounds(d, bounds);
   std::fill(partials, partials + kParts * d, T(0));
   at::parallel_for(0, kParts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -157,8 +162,12 @@ void rank_one_rows(T* A, const T* u, int64_t d, T inv_a, T c, bool lower_only) {
   using V = Vec<T>;
   constexpr int N = V::kLanes;
   const auto vinv = V::broadcast(inv_a), vc = V::broadcast(c);
-  at::parallel_for(0, d, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
+  // Rows of the triangle grow with i: split them by area, not by count.
+  int64_t bounds[kParts + 1];
+  for (int64_t p = 0; p <= kParts; ++p) bounds[p] = d * p / kParts;
+  if (lower_only) triangle_bounds(d, bounds);
+  at::parallel_for(0, kParts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t i = bounds[p0]; i < bounds[p1]; ++i) {
       T* Ai = A + i * d;
       const auto vui = V::broadcast(u[i]);
       const int64_t end = lower_only ? i + 1 : d;
