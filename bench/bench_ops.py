@@ -255,3 +255,24 @@ def _check_same(op_step, eager_step, A, x):
     eager_step(Y, x)
     err = float(torch.linalg.matrix_norm((X - Y).double()) / torch.linalg.matrix_norm(Y.double()))
     assert err < 1e-3, f"op and eager composition disagree: relative difference {err:.2e}"
+
+
+# --------------------------------------------------------------------------- the memory limit
+
+
+@pytest.mark.parametrize("d", [2048, 8192])
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_reference(benchmark, device, d):
+    """A d x d float32 copy (reads and writes 8 d^2 bytes): the bandwidth the
+    bandwidth-bound ops are measured against (DESIGN.md §6)."""
+    if device == "cpu" and d > 2048:
+        pytest.skip("the CPU groups stop at d = 2048")
+    src = torch.randn(d, d, device=device)
+    dst = torch.empty_like(src)
+    inner = 1 if device == "cpu" else 20
+
+    def step():
+        dst.copy_(src)
+
+    run(benchmark, group=f"copy {device} d={d} f32 (8 d^2 bytes)", device=device, step=step, state=[dst],
+        bank=[()], rounds=_rounds(device, 100, 200), reset_every=10**9, inner=inner)
