@@ -119,7 +119,8 @@ void test_schemas() {
       {"sherman_morrison_", ""}, {"sherman_morrison_", "tensor"}, {"woodbury_", ""},
       {"woodbury_", "tensor"},   {"kfac_update_", ""},            {"kfac_update_", "tensor"},
       {"kfac_apply", ""},        {"running_average_", ""},        {"running_average_", "tensor"},
-      {"symmetrize_", ""},       {"_compiled_with_cuda", ""},
+      {"symmetrize_", ""},       {"_compiled_with_cuda", ""},  {"sherman_morrison_deferred_", ""},
+      {"apply_pending_", ""},
   };
   for (const auto& n : names) {
     const auto op = c10::Dispatcher::singleton().findSchema(
@@ -389,6 +390,29 @@ void test_bad_arguments() {
 
 }  // namespace
 
+// The deferred form: after apply_pending_, the pair (A, pending) equals the
+// direct inverse of the accumulated M, for running-average coefficients.
+void test_sherman_morrison_deferred() {
+  for (int64_t d : {1, 7, 33}) {
+    auto M = random_spd(d);
+    auto A = inv(M);
+    auto pending = at::zeros({d + 2}, f64());
+    pending[0] = 1.0;
+    for (int n = 1; n <= 4; ++n) {
+      const double a = n / (n + 1.0), b = 1.0 / (n + 1.0);
+      const auto g = at::randn({d}, f64());
+      call("sherman_morrison_deferred_", "", {A, pending, g, a, b});
+      M = a * M + b * at::outer(g, g);
+    }
+    call("apply_pending_", "", {A, pending});
+    const auto expected = inv(M);
+    EXPECT(rel_err(A, expected) < 1e-10, "d=", d, " rel err ", rel_err(A, expected));
+    EXPECT(exactly_symmetric(A), "d=", d, ": result not exactly symmetric");
+    EXPECT(pending[0].item<double>() == 1.0 && pending[1].item<double>() == 0.0, "d=", d,
+           ": apply_pending_ must leave nothing pending");
+  }
+}
+
 int main() {
   at::manual_seed(1234);
   const std::vector<std::pair<const char*, void (*)()>> tests = {
@@ -397,6 +421,7 @@ int main() {
       {"sherman_morrison_lower_triangle", test_sherman_morrison_lower_triangle},
       {"sherman_morrison_batched", test_sherman_morrison_batched},
       {"sherman_morrison_bad_denominator", test_sherman_morrison_bad_denominator},
+      {"sherman_morrison_deferred", test_sherman_morrison_deferred},
       {"woodbury", test_woodbury},
       {"ema_steps_equal_one_woodbury_step", test_ema_steps_equal_one_woodbury_step},
       {"running_average", test_running_average},
