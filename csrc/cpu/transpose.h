@@ -4,6 +4,7 @@
 // about four times slower on the machines we measured (bench/RESULTS.md).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__AVX__)
@@ -60,5 +61,32 @@ inline void transpose_block(const T* src, int64_t ls, T* dst, int64_t ld) {
   transpose_block_scalar(src, ls, dst, ld);
 }
 #endif
+
+// Copies the lower-triangle part of tile (I, J), J <= I, of the d x d matrix M
+// (tiles of side TB) onto its mirror image above the diagonal: column j of the
+// lower triangle becomes row j of the upper one. Whole blocks below the
+// diagonal go through transpose_block; diagonal tiles and ragged edges go
+// entry by entry.
+template <typename T>
+inline void mirror_tile(T* M, int64_t d, int64_t TB, int64_t I, int64_t J) {
+  const int64_t i0 = I * TB, i1 = std::min(d, i0 + TB);
+  const int64_t j0 = J * TB, j1 = std::min(d, j0 + TB);
+  auto copy_entries = [&](int64_t ia, int64_t ib, int64_t ja, int64_t jb) {
+    for (int64_t j = ja; j < jb; ++j) {
+      for (int64_t i = std::max(ia, j + 1); i < ib; ++i) M[j * d + i] = M[i * d + j];
+    }
+  };
+  if (I == J) {
+    copy_entries(i0, i1, j0, j1);
+    return;
+  }
+  constexpr int64_t B = kBlockSide<T>;
+  const int64_t full_i = i0 + (i1 - i0) / B * B, full_j = j0 + (j1 - j0) / B * B;
+  for (int64_t i = i0; i < full_i; i += B) {
+    for (int64_t j = j0; j < full_j; j += B) transpose_block(M + i * d + j, d, M + j * d + i, d);
+  }
+  copy_entries(full_i, i1, j0, j1);
+  copy_entries(i0, full_i, full_j, j1);
+}
 
 }  // namespace nhgd::cpu

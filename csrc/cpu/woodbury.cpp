@@ -62,27 +62,7 @@ void symmetrize_(const at::Tensor& A) {
         scalar_t* M = base + (k / per) * d * d;
         int64_t I, J;
         lower_tile_coords(k % per, I, J);
-        const int64_t i0 = I * TB, i1 = std::min(d, i0 + TB);
-        const int64_t j0 = J * TB, j1 = std::min(d, j0 + TB);
-        // Column j of the lower triangle becomes row j of the upper one.
-        // Whole blocks below the diagonal go through registers; diagonal
-        // tiles and ragged edges go entry by entry.
-        auto copy_entries = [&](int64_t ia, int64_t ib, int64_t ja, int64_t jb) {
-          for (int64_t j = ja; j < jb; ++j) {
-            for (int64_t i = std::max(ia, j + 1); i < ib; ++i) M[j * d + i] = M[i * d + j];
-          }
-        };
-        if (I == J) {
-          copy_entries(i0, i1, j0, j1);
-          continue;
-        }
-        constexpr int64_t B = kBlockSide<scalar_t>;
-        const int64_t full_i = i0 + (i1 - i0) / B * B, full_j = j0 + (j1 - j0) / B * B;
-        for (int64_t i = i0; i < full_i; i += B) {
-          for (int64_t j = j0; j < full_j; j += B) transpose_block(M + i * d + j, d, M + j * d + i, d);
-        }
-        copy_entries(full_i, i1, j0, j1);
-        copy_entries(i0, full_i, full_j, j1);
+        mirror_tile(M, d, TB, I, J);
       }
     });
   });
