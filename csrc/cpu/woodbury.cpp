@@ -34,9 +34,10 @@ at::Tensor prepare(const char* op, const std::string& where, const at::Tensor& A
   return at::linalg_solve_triangular(Lc.mT(), U, /*upper=*/true, /*left=*/false);
 }
 
-// A <- (A - Y Y^T) / a on the lower triangle only, in row blocks that each go
-// through one BLAS call, then mirrored: half the flops of a full GEMM and an
-// exactly symmetric result.
+// A <- (A - Y Y^T) / a on the lower block triangle only, in row blocks of 512
+// that each go through one BLAS call (about 5/8 of the flops of a full GEMM at
+// d = 2048; larger blocks keep BLAS efficient), then mirrored by the caller:
+// an exactly symmetric result.
 void apply(const at::Tensor& A2, const at::Tensor& Y2, double a) {
   const int64_t d = A2.size(0);
   constexpr int64_t kBlock = 512;
