@@ -4,5 +4,6 @@ from .base import HypergradientEstimator
 from .cg import ConjugateGradient
 from .neumann import Neumann
 from .nhgd import NHGD
+from .single_loop import SingleLoopAID, SingleLoopITD
 
-__all__ = ["HypergradientEstimator", "ConjugateGradient", "Neumann", "NHGD"]
+__all__ = ["HypergradientEstimator", "ConjugateGradient", "Neumann", "NHGD", "SingleLoopAID", "SingleLoopITD"]

@@ -74,11 +74,12 @@ class HypergradientEstimator:
         per_sample = loss.dim() == 1
         mean = loss.mean() if per_sample else loss
         batch = loss.numel() if per_sample else batch_size
-        grads = grads_or_zeros(mean, self.inner_params, retain_graph=per_sample)
+        grads = grads_or_zeros(mean, self.inner_params, retain_graph=per_sample, create_graph=self.keeps_inner_graph)
         rows = self._per_sample_rows(loss) if per_sample and self.wants_per_sample_rows else None
         for p, g in zip(self.inner_params, grads):
             p.grad = g.detach()
-        self.observe([g.detach() for g in grads], batch_size=batch, rows=rows)
+        self._step_size = optimizer.param_groups[0].get("lr", self.inner_lr) if optimizer is not None else self.inner_lr
+        self.observe(grads if self.keeps_inner_graph else [g.detach() for g in grads], batch_size=batch, rows=rows)
         if optimizer is not None:
             optimizer.step()
         else:
@@ -89,6 +90,8 @@ class HypergradientEstimator:
 
     #: whether observe() uses per-sample gradient rows when inner_step gets a 1-D loss
     wants_per_sample_rows = False
+    #: whether observe() gets the inner gradients with their graph (for ITD)
+    keeps_inner_graph = False
 
     def _per_sample_rows(self, losses: torch.Tensor) -> torch.Tensor:
         """Per-sample gradients (n x d) of a 1-D loss: one batched backward pass."""

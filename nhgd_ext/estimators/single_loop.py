@@ -1,0 +1,70 @@
+"""The single-loop methods of seed 003 (Algorithms 1 and 2): with one inner
+step per outer step (T = 1) they are exactly those algorithms; the linear-
+system variable of AID is warm-started across outer steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Closure, HypergradientEstimator, flat
+
+
+class SingleLoopAID(HypergradientEstimator):
+    """Algorithm 1: one gradient step on the linear system per outer step,
+    v <- (I - eta H) v + eta grad_theta f, warm-started; then
+    grad Phi ~ grad_v f - (d2_{v theta} l) v."""
+
+    def __init__(self, inner_params, outer_params, *, eta: float = 0.1, inner_lr: float = 0.1):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+        if not eta > 0:
+            raise ValueError(f"SingleLoopAID: argument 'eta' must be > 0, got {eta!r}")
+        self.eta = float(eta)
+        self._v = None
+
+    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+        f_v, f_theta = self.outer_gradients(outer_loss)
+        g_theta = self.inner_gradient(inner_closure())
+        v = torch.zeros_like(f_theta) if self._v is None else self._v
+        self._v = v - self.eta * self.hvp(g_theta, v) + self.eta * f_theta
+        return self.combine(f_v, self.cross(g_theta, self._v))
+
+    def state_dict(self) -> dict:
+        return {"v": None if self._v is None else self._v.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._v = None if state["v"] is None else state["v"].clone()
+
+    def reset(self) -> None:
+        self._v = None
+
+
+class SingleLoopITD(HypergradientEstimator):
+    """Algorithm 2: differentiate through the last inner step,
+    grad Phi ~ grad_v f(v, theta) - alpha (d2_{v theta} l)(v, theta0) grad_theta f(v, theta),
+    with theta0 the point before that step and alpha its step size. The
+    inner gradient at theta0 is kept with its graph by inner_step (or
+    observe, for loops that pass gradients made with create_graph=True)."""
+
+    keeps_inner_graph = True
+
+    def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+        self._g0 = None
+
+    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, rows: torch.Tensor | None = None) -> None:
+        self._g0 = flat(grads)
+        if not self._g0.requires_grad:
+            raise ValueError("SingleLoopITD.observe: argument 'grads' must keep their graph (create_graph=True)")
+
+    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+        if self._g0 is None:
+            raise RuntimeError("SingleLoopITD.hypergradient: no inner step to differentiate through yet")
+        f_v, f_theta = self.outer_gradients(outer_loss)
+        cross = self.cross(self._g0, getattr(self, "_step_size", self.inner_lr) * f_theta)
+        self._g0 = None  # the graph of one step is used once
+        return self.combine(f_v, cross)
+
+    def reset(self) -> None:
+        self._g0 = None
