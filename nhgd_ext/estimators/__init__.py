@@ -4,6 +4,18 @@ from .base import HypergradientEstimator
 from .cg import ConjugateGradient
 from .neumann import Neumann
 from .nhgd import NHGD
-from .single_loop import SingleLoopAID, SingleLoopITD
+from .single_loop import SOBA, SingleLoopAID, SingleLoopITD
+from .stochastic import TTSA, AmIGO, StocBiO
 
-__all__ = ["HypergradientEstimator", "ConjugateGradient", "Neumann", "NHGD", "SingleLoopAID", "SingleLoopITD"]
+__all__ = [
+    "HypergradientEstimator",
+    "NHGD",
+    "ConjugateGradient",
+    "Neumann",
+    "StocBiO",
+    "AmIGO",
+    "TTSA",
+    "SOBA",
+    "SingleLoopAID",
+    "SingleLoopITD",
+]

@@ -74,7 +74,8 @@ class HypergradientEstimator:
         per_sample = loss.dim() == 1
         mean = loss.mean() if per_sample else loss
         batch = loss.numel() if per_sample else batch_size
-        grads = grads_or_zeros(mean, self.inner_params, retain_graph=per_sample, create_graph=self.keeps_inner_graph)
+        grads = grads_or_zeros(mean, self.inner_params, retain_graph=per_sample or self.keeps_inner_graph,
+                               create_graph=self.keeps_inner_graph)
         rows = self._per_sample_rows(loss) if per_sample and self.wants_per_sample_rows else None
         for p, g in zip(self.inner_params, grads):
             p.grad = g.detach()

@@ -40,12 +40,33 @@ class SingleLoopAID(HypergradientEstimator):
         self._v = None
 
 
+class SOBA(SingleLoopAID):
+    """SOBA (Dagreou et al., 2022): the same warm-started step on the linear
+    system, z <- z - lr (H z - grad_theta f), but the hypergradient uses z
+    before its step (all directions are taken at the same point)."""
+
+    def __init__(self, inner_params, outer_params, *, lr: float = 0.1, inner_lr: float = 0.1):
+        super().__init__(inner_params, outer_params, eta=lr, inner_lr=inner_lr)
+
+    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+        f_v, f_theta = self.outer_gradients(outer_loss)
+        g_theta = self.inner_gradient(inner_closure())
+        z = torch.zeros_like(f_theta) if self._v is None else self._v
+        direction = self.combine(f_v, self.cross(g_theta, z))
+        self._v = z - self.eta * (self.hvp(g_theta, z) - f_theta)
+        return direction
+
+
 class SingleLoopITD(HypergradientEstimator):
     """Algorithm 2: differentiate through the last inner step,
     grad Phi ~ grad_v f(v, theta) - alpha (d2_{v theta} l)(v, theta0) grad_theta f(v, theta),
     with theta0 the point before that step and alpha its step size. The
     inner gradient at theta0 is kept with its graph by inner_step (or
-    observe, for loops that pass gradients made with create_graph=True)."""
+    observe, for loops that pass gradients made with create_graph=True).
+
+    Known limit: the inner step updates theta in place, so where the cross
+    derivative needs the value of theta0 itself (models nonlinear in theta),
+    autograd refuses the saved graph with its in-place-modification error."""
 
     keeps_inner_graph = True
 
