@@ -1,5 +1,6 @@
 """Inverse-curvature state for NHGD (DESIGN.md §3.2)."""
 
 from .dense import DenseEFIM
+from .kfac import KFAC
 
-__all__ = ["DenseEFIM"]
+__all__ = ["DenseEFIM", "KFAC"]
