@@ -214,6 +214,14 @@ bool all_finite(const T* p, int64_t n) {
 
 }  // namespace
 
+void check_symmetric_matvec_args(const at::Tensor& A, const at::Tensor& v) {
+  const char* op = "symmetric_matvec";
+  check_square_state(op, "A", A, /*allow_batch=*/false);
+  check_like(op, "v", v, "A", A);
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == A.size(0), op, ": argument 'v' must have shape [", text(A.size(0)),
+                    "] to match A, got ", text(v.sizes()));
+}
+
 void check_pending_args(const char* op, const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g) {
   check_square_state(op, "A", A, /*allow_batch=*/false);
   check_like(op, "pending", pending, "A", A);

@@ -39,6 +39,7 @@ void check_running_average_args(const at::Tensor& L, const at::Tensor& B,
                                 const std::optional<at::Tensor>& status);
 
 void check_symmetrize_args(const at::Tensor& A);
+void check_symmetric_matvec_args(const at::Tensor& A, const at::Tensor& v);
 // `op` is sherman_morrison_deferred_ (with g) or apply_pending_ (g undefined).
 void check_pending_args(const char* op, const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g);
 

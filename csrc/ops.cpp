@@ -111,6 +111,11 @@ void apply_pending_cpu(const at::Tensor& A, const at::Tensor& pending) {
   cpu::apply_pending_(A, pending);
 }
 
+at::Tensor symmetric_matvec_cpu(const at::Tensor& A, const at::Tensor& v) {
+  check_symmetric_matvec_args(A, v);
+  return cpu::symmetric_matvec(A, v);
+}
+
 void symmetrize_cpu(const at::Tensor& A) {
   check_symmetrize_args(A);
   cpu::symmetrize_(A);
@@ -139,6 +144,7 @@ TORCH_LIBRARY(nhgd_ext, m) {
   m.def("sherman_morrison_deferred_(Tensor(a!) A, Tensor(b!) pending, Tensor g, float a, float b, "
         "Tensor(c!)? status=None) -> ()");
   m.def("apply_pending_(Tensor(a!) A, Tensor(b!) pending) -> ()");
+  m.def("symmetric_matvec(Tensor A, Tensor v) -> Tensor");
   m.def("_compiled_with_cuda() -> bool", &nhgd::compiled_with_cuda);
 }
 
@@ -155,4 +161,5 @@ TORCH_LIBRARY_IMPL(nhgd_ext, CPU, m) {
   m.impl("symmetrize_", &nhgd::symmetrize_cpu);
   m.impl("sherman_morrison_deferred_", &nhgd::sherman_morrison_deferred_cpu);
   m.impl("apply_pending_", &nhgd::apply_pending_cpu);
+  m.impl("symmetric_matvec", &nhgd::symmetric_matvec_cpu);
 }

@@ -28,6 +28,7 @@ SCHEMAS = {
     "sherman_morrison_deferred_": "(Tensor(a!) A, Tensor(b!) pending, Tensor g, float a, float b, "
     "Tensor(c!)? status=None) -> ()",
     "apply_pending_": "(Tensor(a!) A, Tensor(b!) pending) -> ()",
+    "symmetric_matvec": "(Tensor A, Tensor v) -> Tensor",
 }
 
 
@@ -230,7 +231,17 @@ def sherman_morrison_deferred_(A, pending, g, a, b, status=None):
     sherman_morrison_(A, g, a, b)
 
 
+def symmetric_matvec(A, v):
+    op = "symmetric_matvec"
+    _state(op, "A", A, batch=False)
+    _like(op, "v", v, "A", A)
+    if v.shape != (A.shape[0],):
+        _fail(op, "v", f"must have shape [{A.shape[0]}] to match A, got {list(v.shape)}")
+    return (A.tril() + A.tril(-1).mT) @ v
+
+
 _IMPLS = {
+    "symmetric_matvec": symmetric_matvec,
     "sherman_morrison_deferred_": sherman_morrison_deferred_,
     "apply_pending_": apply_pending_,
     "symmetrize_": symmetrize_,

@@ -28,6 +28,7 @@ __all__ = [
     "kfac_apply",
     "running_average_",
     "symmetrize_",
+    "symmetric_matvec",
     "sherman_morrison_deferred_",
     "apply_pending_",
     "new_pending",
@@ -155,6 +156,13 @@ def apply_pending_(A: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
     return A
 
 
+def symmetric_matvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A v for a symmetric d x d state, reading only its lower triangle on the
+    CPU (so it also serves states kept with ``lower_only`` or deferred updates)."""
+    op = "symmetric_matvec"
+    return _ops.symmetric_matvec(_tensor(op, "A", A), _tensor(op, "v", v))
+
+
 def symmetrize_(A: torch.Tensor) -> torch.Tensor:
     """Copies the lower triangle of A (d x d or n x d x d) onto its upper triangle."""
     _ops.symmetrize_(_tensor("symmetrize_", "A", A))
@@ -226,6 +234,11 @@ for _name in ("sherman_morrison_", "woodbury_", "kfac_update_", "running_average
         torch.library.register_fake(f"nhgd_ext::{_name}{_overload}")(_no_output)
 for _name in ("symmetrize_", "sherman_morrison_deferred_", "apply_pending_"):
     torch.library.register_fake(f"nhgd_ext::{_name}")(_no_output)
+
+
+@torch.library.register_fake("nhgd_ext::symmetric_matvec")
+def _symmetric_matvec_fake(A, v):
+    return v.new_empty(A.shape[0])
 
 
 @torch.library.register_fake("nhgd_ext::kfac_apply")

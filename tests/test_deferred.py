@@ -128,3 +128,25 @@ def test_deferred_nonpositive_denominator_keeps_represented_state():
         ops.sherman_morrison_deferred_(A, P, g, 0.5, 0.5)
     assert torch.equal(A, -torch.eye(d, dtype=torch.float64))
     assert torch.equal(P, ops.new_pending(d, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 33, 130, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_symmetric_matvec_reads_the_lower_triangle(device, dtype, d):
+    A = state_from(random_spd(d, seed=d + 1), dtype, device)
+    v = rand_rows(d, seed=d + 2, dtype=dtype).to(device)
+    expected = A.double() @ v.double()
+    if device == "cpu":  # the CPU kernel must not look above the diagonal
+        A = A.clone()
+        A.masked_fill_(torch.ones_like(A, dtype=torch.bool).triu(1), float("nan"))
+    got = ops.symmetric_matvec(A, v)
+    assert rel_err(got.unsqueeze(0), expected.cpu().unsqueeze(0)) < tol(dtype, d)
+
+
+def test_symmetric_matvec_bad_input():
+    A = torch.eye(4)
+    with pytest.raises(ValueError, match="'v'"):
+        ops.symmetric_matvec(A, torch.ones(5))
+    with pytest.raises(ValueError, match="'A'"):
+        ops.symmetric_matvec(torch.ones(3, 4), torch.ones(4))

@@ -57,6 +57,7 @@ def sample_inputs(device, dtype):
         ("deferred", OPS.sherman_morrison_deferred_.default, (A(), pending(), g, 0.9, 0.1), {}),
         ("deferred_status", OPS.sherman_morrison_deferred_.default, (A(), pending(), g, 0.9, 0.1, st()), {}),
         ("apply_pending", OPS.apply_pending_.default, (A(), pending()), {}),
+        ("symmetric_matvec", OPS.symmetric_matvec.default, (A(), g), {}),
         ("symmetrize_batched", OPS.symmetrize_.default, (rand_rows(3, 5, 5, seed=22, dtype=dtype).to(device),), {}),
         ("wb", OPS.woodbury_.default, (A(), H, 0.8), {}),
         ("wb_batched_status", OPS.woodbury_.default, (A(batch=2), Hb, 0.8, st()), {}),
@@ -87,6 +88,7 @@ def test_every_overload_is_covered():
         "nhgd_ext.running_average_.default", "nhgd_ext.running_average_.tensor",
         "nhgd_ext.symmetrize_.default",
         "nhgd_ext.sherman_morrison_deferred_.default", "nhgd_ext.apply_pending_.default",
+        "nhgd_ext.symmetric_matvec.default",
     }
     assert covered == expected
 

@@ -22,6 +22,9 @@ void sherman_morrison_deferred_(const at::Tensor& A, const at::Tensor& pending, 
                                 double b);
 void apply_pending_(const at::Tensor& A, const at::Tensor& pending);
 
+// A v for symmetric A (d x d) from its lower triangle alone (d^2/2 reads).
+at::Tensor symmetric_matvec(const at::Tensor& A, const at::Tensor& v);
+
 void woodbury_(const at::Tensor& A, const at::Tensor& H, double a);
 void kfac_update_(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
                   at::TensorList grads, double a, double b);

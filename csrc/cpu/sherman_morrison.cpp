@@ -257,6 +257,20 @@ void apply_pending_impl(const at::Tensor& A, const at::Tensor& pending) {
 
 }  // namespace
 
+at::Tensor symmetric_matvec(const at::Tensor& A, const at::Tensor& v) {
+  const int64_t d = A.size(0);
+  const at::Tensor vc = v.contiguous();
+  at::Tensor out = at::empty({d}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "symmetric_matvec", [&] {
+    std::vector<scalar_t> partials(kParts * d);
+    // Read-only here: the product kernel writes A only when handed a pending update.
+    lower_matvec_partials(const_cast<scalar_t*>(A.data_ptr<scalar_t>()), vc.data_ptr<scalar_t>(), d,
+                          partials.data());
+    sum_partials(partials.data(), d, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 void sherman_morrison_deferred_(const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g, double a,
                                 double b) {
   const at::Tensor gc = g.contiguous();

@@ -142,6 +142,15 @@ void apply_pending_cuda(const at::Tensor& A, const at::Tensor& pending) {
   apply_pending_now(A, pending);
 }
 
+// The CUDA state is kept with both triangles current (its deferred form runs
+// eagerly), so a plain matrix-vector product (cuBLAS) serves.
+at::Tensor symmetric_matvec_cuda(const at::Tensor& A, const at::Tensor& v) {
+  check_symmetric_matvec_args(A, v);
+  require_cuda("symmetric_matvec", "A", A);
+  const c10::cuda::CUDAGuard guard(A.device());
+  return at::mv(A, v);
+}
+
 // --------------------------------------------------------------------------- symmetrize_
 
 void symmetrize_cuda(const at::Tensor& A) {
@@ -531,4 +540,5 @@ TORCH_LIBRARY_IMPL(nhgd_ext, CUDA, m) {
   m.impl("symmetrize_", &nhgd::symmetrize_cuda);
   m.impl("sherman_morrison_deferred_", &nhgd::sherman_morrison_deferred_cuda);
   m.impl("apply_pending_", &nhgd::apply_pending_cuda);
+  m.impl("symmetric_matvec", &nhgd::symmetric_matvec_cuda);
 }

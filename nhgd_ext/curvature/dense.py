@@ -196,4 +196,10 @@ class DenseEFIM:
         if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.shape[0] != self.dim:
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"DenseEFIM.solve: argument 'v' must have shape [{self.dim}] or [{self.dim}, m], got {got}")
-        return self.inverse @ v.to(device=self.device, dtype=self.dtype)
+        v = v.to(device=self.device, dtype=self.dtype)
+        if v.dim() == 2:
+            return self.inverse @ v
+        # The pending update is applied to the product rather than written into
+        # the state: half a pass over A (its lower triangle), no writes.
+        alpha, c, u = self._pending[0], self._pending[1], self._pending[2:]
+        return alpha * ops.symmetric_matvec(self._A, v) - c * (u @ v) * u
