@@ -70,12 +70,18 @@ class DenseEFIM:
         # refresh rebuilds the inverse from, so its rounding must not accumulate
         # (a float32 running average over 10^5 samples drifts by about 1e-2).
         self._F = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        # New rows reach F in batches (one GEMM per FOLD_ROWS rows rather than a
+        # pass over F per update): rows[i] enters F with weight scale * weights[i].
+        self._pending_rows: list[torch.Tensor] = []
+        self._pending_weights: list[float] = []
+        self._scale = 1.0  # product of the a's since the last fold
         self.num_updates = 0  # calls of update / update_many
         self.num_samples = 0  # gradients (rows) fed
         self.num_refreshes = 0
         self.mu = self.damping  # the damping the inverse currently includes
 
     def state_dict(self) -> dict:
+        self._fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
         state = {"inverse": self._A.clone(), "pending": self._pending.clone(), "fisher": self._F.clone()}
         state.update({k: getattr(self, k) for k in _COUNTER_KEYS})
         state["config"] = {"dim": self.dim, "beta": self.beta, "damping": self.damping,
@@ -95,6 +101,7 @@ class DenseEFIM:
             target.copy_(state[key])
         for key in _COUNTER_KEYS:
             setattr(self, key, state[key])
+        self._pending_rows, self._pending_weights, self._scale = [], [], 1.0
 
     # ---------------------------------------------------------------- updates
 
@@ -140,8 +147,7 @@ class DenseEFIM:
             # from F, then apply this update to the rebuilt state.
             self._refresh()
             ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b)
-        x64 = x.to(torch.float64)
-        self._F.addr_(x64, x64, beta=a, alpha=b)
+        self._remember(x.reshape(1, -1), a, b)
         self._advance(a, 1)
 
     def update_many(self, G: torch.Tensor) -> None:
@@ -156,9 +162,27 @@ class DenseEFIM:
         except RuntimeError:
             self._refresh()
             ops.woodbury_(self._A, H, a)
-        H64 = H.to(torch.float64)
-        self._F.mul_(a).addmm_(H64.mT, H64)
+        self._remember(H, a, 1.0)
         self._advance(a, k)
+
+    FOLD_ROWS = 64
+
+    def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
+        """F <- a F + weight * rows^T rows, deferred to the next fold."""
+        self._scale *= a
+        self._pending_rows.append(rows.to(torch.float64))
+        self._pending_weights.extend([weight / self._scale] * rows.shape[0])
+        if len(self._pending_weights) >= self.FOLD_ROWS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._pending_rows:
+            X = torch.cat(self._pending_rows)
+            w = torch.tensor(self._pending_weights, dtype=torch.float64, device=self.device) * self._scale
+            self._F.mul_(self._scale).addmm_(X.mT * w, X)
+        elif self._scale != 1.0:
+            self._F.mul_(self._scale)
+        self._pending_rows, self._pending_weights, self._scale = [], [], 1.0
 
     def _advance(self, a: float, k: int) -> None:
         self.num_updates += 1
@@ -169,6 +193,7 @@ class DenseEFIM:
 
     def _refresh(self) -> None:
         """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
+        self._fold()
         D = 0.5 * (self._F + self._F.mT)
         D.diagonal().add_(self.damping)
         L = torch.linalg.cholesky(D)
