@@ -148,3 +148,22 @@ class HypergradientEstimator:
 
     def reset(self) -> None:
         pass
+
+
+class KeepsSolution(HypergradientEstimator):
+    """An estimator that keeps its linear-system variable (w ~ H^-1 grad_theta f)
+    from one outer step to the next, as a warm start."""
+
+    _kept: torch.Tensor | None = None
+
+    def kept_or_zeros(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(like) if self._kept is None else self._kept
+
+    def state_dict(self) -> dict:
+        return {"w": None if self._kept is None else self._kept.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._kept = None if state["w"] is None else state["w"].clone()
+
+    def reset(self) -> None:
+        self._kept = None

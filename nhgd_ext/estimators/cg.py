@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Closure, HypergradientEstimator
+from .base import Closure, KeepsSolution
 
 
-class ConjugateGradient(HypergradientEstimator):
+class ConjugateGradient(KeepsSolution):
     """``iters`` CG iterations on one batch from ``inner_closure``; ``tol``
     stops early on a relative residual. ``warm_start`` starts from the
     previous outer step's solution."""
@@ -19,12 +19,11 @@ class ConjugateGradient(HypergradientEstimator):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"ConjugateGradient: argument 'iters' must be a positive integer, got {iters!r}")
         self.iters, self.tol, self.warm_start = iters, float(tol), warm_start
-        self._w = None
 
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
-        w = self._w.clone() if self.warm_start and self._w is not None else torch.zeros_like(f_theta)
+        w = self.kept_or_zeros(f_theta).clone() if self.warm_start else torch.zeros_like(f_theta)
         r = f_theta - self.hvp(g_theta, w) if bool(w.any()) else f_theta.clone()
         p = r.clone()
         rr = r @ r
@@ -39,14 +38,5 @@ class ConjugateGradient(HypergradientEstimator):
             rr_new = r @ r
             p.mul_(rr_new / rr).add_(r)
             rr = rr_new
-        self._w = w
+        self._kept = w
         return self.combine(f_v, self.cross(g_theta, w))
-
-    def state_dict(self) -> dict:
-        return {"w": None if self._w is None else self._w.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._w = None if state["w"] is None else state["w"].clone()
-
-    def reset(self) -> None:
-        self._w = None

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Closure, HypergradientEstimator, flat
+from .base import Closure, HypergradientEstimator, KeepsSolution, flat
 
 
-class SingleLoopAID(HypergradientEstimator):
+class SingleLoopAID(KeepsSolution):
     """Algorithm 1: one gradient step on the linear system per outer step,
     v <- (I - eta H) v + eta grad_theta f, warm-started; then
     grad Phi ~ grad_v f - (d2_{v theta} l) v."""
@@ -21,23 +21,13 @@ class SingleLoopAID(HypergradientEstimator):
         if not eta > 0:
             raise ValueError(f"SingleLoopAID: argument 'eta' must be > 0, got {eta!r}")
         self.eta = float(eta)
-        self._v = None
 
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
-        v = torch.zeros_like(f_theta) if self._v is None else self._v
-        self._v = v - self.eta * self.hvp(g_theta, v) + self.eta * f_theta
-        return self.combine(f_v, self.cross(g_theta, self._v))
-
-    def state_dict(self) -> dict:
-        return {"v": None if self._v is None else self._v.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._v = None if state["v"] is None else state["v"].clone()
-
-    def reset(self) -> None:
-        self._v = None
+        v = self.kept_or_zeros(f_theta)
+        self._kept = v - self.eta * self.hvp(g_theta, v) + self.eta * f_theta
+        return self.combine(f_v, self.cross(g_theta, self._kept))
 
 
 class SOBA(SingleLoopAID):
@@ -51,9 +41,9 @@ class SOBA(SingleLoopAID):
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
-        z = torch.zeros_like(f_theta) if self._v is None else self._v
+        z = self.kept_or_zeros(f_theta)
         direction = self.combine(f_v, self.cross(g_theta, z))
-        self._v = z - self.eta * (self.hvp(g_theta, z) - f_theta)
+        self._kept = z - self.eta * (self.hvp(g_theta, z) - f_theta)
         return direction
 
 

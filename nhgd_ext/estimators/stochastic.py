@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Closure, HypergradientEstimator
+from .base import Closure, HypergradientEstimator, KeepsSolution
 
 
 def _check_positive_int(cls: str, name: str, value, minimum: int = 1) -> int:
@@ -42,29 +42,19 @@ class StocBiO(HypergradientEstimator):
         return self.combine(f_v, self.cross(self.inner_gradient(inner_closure()), self.scale * total))
 
 
-class AmIGO(HypergradientEstimator):
+class AmIGO(KeepsSolution):
     def __init__(self, inner_params, outer_params, *, iters: int = 5, lr: float = 0.1, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
         self.iters = _check_positive_int("AmIGO", "iters", iters)
         self.lr = _check_positive("AmIGO", "lr", lr)
-        self._w = None
 
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
-        w = torch.zeros_like(f_theta) if self._w is None else self._w
+        w = self.kept_or_zeros(f_theta)
         for _ in range(self.iters):
             w = w - self.lr * (self.hvp(self.inner_gradient(inner_closure()), w) - f_theta)
-        self._w = w
+        self._kept = w
         return self.combine(f_v, self.cross(self.inner_gradient(inner_closure()), w))
-
-    def state_dict(self) -> dict:
-        return {"w": None if self._w is None else self._w.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._w = None if state["w"] is None else state["w"].clone()
-
-    def reset(self) -> None:
-        self._w = None
 
 
 class TTSA(HypergradientEstimator):
