@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nhgd_ext.estimators import NHGD, ConjugateGradient, Neumann
+from nhgd_ext.estimators import NHGD, Broyden, ConjugateGradient, Neumann
 from nhgd_testing import gen
 
 
@@ -176,3 +176,23 @@ def test_inner_step_steps_theta_and_writes_grad():
     g = prob.H @ before - (prob.B @ prob.v.detach() + prob.c)
     assert torch.allclose(prob.theta.grad, g)
     assert torch.allclose(prob.theta.detach(), before - 0.05 * g)
+
+
+@pytest.mark.parametrize("memory", [30, 5])
+def test_broyden_solves_the_linear_system(memory):
+    prob = Quadratic(seed=7)
+    est = Broyden([prob.theta], [prob.v], memory=memory, iters=80)
+    (h,) = est.hypergradient(prob.outer(), prob.inner)
+    assert torch.allclose(h, prob.exact(), rtol=0, atol=1e-8)
+    if memory == 5:
+        assert est.num_restarts > 0  # the memory filled up and the estimate restarted
+
+
+def test_broyden_guards_against_divergence_and_returns_its_best_iterate():
+    prob = Quadratic(seed=8)
+    est = Broyden([prob.theta], [prob.v], alpha=1e9, iters=5)  # every step overshoots by far
+    (h,) = est.hypergradient(prob.outer(), prob.inner)
+    assert est.num_restarts > 0
+    assert bool(torch.isfinite(h).all())
+    # no step ever lowered the residual: the best iterate is the start, w = 0
+    assert torch.allclose(h, prob.rho * prob.v.detach(), rtol=0, atol=1e-12)

@@ -10,7 +10,8 @@ import torch
 import nhgd_ext.estimators as E
 from test_estimators_implicit import WellSpecifiedRegression, cosine
 
-ALL = [E.NHGD, E.ConjugateGradient, E.Neumann, E.StocBiO, E.AmIGO, E.TTSA, E.SOBA, E.SingleLoopAID, E.SingleLoopITD]
+ALL = [E.NHGD, E.ConjugateGradient, E.Neumann, E.StocBiO, E.AmIGO, E.TTSA, E.SOBA, E.SingleLoopAID, E.SingleLoopITD,
+       E.Broyden]
 
 
 def drive(cls, outer_steps=15, inner_steps=10, **options):

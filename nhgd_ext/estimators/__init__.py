@@ -1,6 +1,7 @@
 """Hypergradient estimators behind one protocol (DESIGN.md §3.3)."""
 
 from .base import HypergradientEstimator
+from .broyden import Broyden
 from .cg import ConjugateGradient
 from .neumann import Neumann
 from .nhgd import NHGD
@@ -18,4 +19,5 @@ __all__ = [
     "SOBA",
     "SingleLoopAID",
     "SingleLoopITD",
+    "Broyden",
 ]
