@@ -18,6 +18,7 @@ hook saw), so the convention matches the per-sample Fisher.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 
@@ -37,6 +38,7 @@ class _Layer:
         self.S, self.G = torch.zeros(d_in, d_in, dtype=dtype, device=device), torch.zeros(d_out, d_out, dtype=dtype, device=device)
         self.S_inv, self.G_inv = eye(d_in) / root_damping, eye(d_out) / root_damping
         self.acts = self.grads = None
+        self.recording = True
         self.handles = [module.register_forward_hook(self._forward)]
 
     def _forward(self, module, inputs, output):
@@ -48,12 +50,17 @@ class _Layer:
             output.register_hook(self._output_grad)
 
     def _output_grad(self, grad: torch.Tensor) -> None:
+        if not self.recording:
+            return
         delta = grad.detach().reshape(-1, self.module.out_features)
         self.grads = delta * delta.shape[0]  # per-sample output gradients of a mean loss
 
 
 class KFAC:
-    """Args:
+    """Per-sample information comes from the layer hooks, so per-sample
+    gradient rows (``takes_rows``) are not asked for.
+
+    Args:
         modules: a module (its ``nn.Linear`` submodules are used) or a list of ``nn.Linear``.
         params: the parameters the flat vectors of ``update``/``solve`` are made of,
             in order (default: all parameters of ``modules``); those not in a
@@ -95,6 +102,21 @@ class KFAC:
         self.num_updates = 0
         self.num_refreshes = 0
         self.mu = self._root  # the damping each factor currently includes
+
+    #: whether estimators should hand per-sample gradient rows to update_many
+    takes_rows = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Backward passes inside do not replace the recorded output gradients
+        (for extra derivatives an estimator takes of the same graph)."""
+        for layer in self.layers:
+            layer.recording = False
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.recording = True
 
     def remove_hooks(self) -> None:
         for layer in self.layers:

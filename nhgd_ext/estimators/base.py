@@ -65,22 +65,29 @@ class HypergradientEstimator:
     # -------------------------------------------------------------- inner loop
 
     def inner_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None, *,
-                   batch_size: int = 1) -> torch.Tensor:
+                   batch_size: int = 1, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """One inner step on ``loss`` (a scalar mean over ``batch_size`` samples,
         or a 1-D tensor of per-sample losses): writes theta.grad, feeds the
-        estimator, steps theta. Returns the detached mean loss."""
+        estimator, steps theta. ``outputs`` are the model's outputs (logits or
+        means, one row per sample) with their graph, for estimators that sample
+        targets from the model (``NHGD(fisher="sampled")``); the others ignore
+        them. Returns the detached mean loss."""
         if not isinstance(loss, torch.Tensor) or loss.dim() > 1:
             raise ValueError("inner_step: argument 'loss' must be a scalar or a 1-D tensor of per-sample losses")
+        if outputs is not None and not isinstance(outputs, torch.Tensor):
+            raise ValueError(f"inner_step: argument 'outputs' must be a tensor or None, got {type(outputs).__name__}")
         per_sample = loss.dim() == 1
         mean = loss.mean() if per_sample else loss
         batch = loss.numel() if per_sample else batch_size
-        grads = grads_or_zeros(mean, self.inner_params, retain_graph=per_sample or self.keeps_inner_graph,
-                               create_graph=self.keeps_inner_graph)
-        rows = self._per_sample_rows(loss) if per_sample and self.wants_per_sample_rows else None
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"inner_step: argument 'batch_size' must be a positive integer, got {batch!r}")
+        again = self.keeps_inner_graph or self._differentiates_again(per_sample, outputs)
+        grads = grads_or_zeros(mean, self.inner_params, retain_graph=again, create_graph=self.keeps_inner_graph)
+        extras = self._observations(loss, mean, outputs)
         for p, g in zip(self.inner_params, grads):
             p.grad = g.detach()
         self._step_size = optimizer.param_groups[0].get("lr", self.inner_lr) if optimizer is not None else self.inner_lr
-        self.observe(grads if self.keeps_inner_graph else [g.detach() for g in grads], batch_size=batch, rows=rows)
+        self.observe(grads if self.keeps_inner_graph else [g.detach() for g in grads], batch_size=batch, **extras)
         if optimizer is not None:
             optimizer.step()
         else:
@@ -94,6 +101,17 @@ class HypergradientEstimator:
     #: whether observe() gets the inner gradients with their graph (for ITD)
     keeps_inner_graph = False
 
+    def _differentiates_again(self, per_sample: bool, outputs: torch.Tensor | None) -> bool:
+        """Whether :meth:`_observations` takes more derivatives of the step's loss graph."""
+        return per_sample and self.wants_per_sample_rows
+
+    def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None) -> dict:
+        """Keyword arguments for :meth:`observe` beyond the gradients, taken
+        from the step's loss graph before theta moves."""
+        if loss.dim() == 1 and self.wants_per_sample_rows:
+            return {"rows": self._per_sample_rows(loss)}
+        return {}
+
     def _per_sample_rows(self, losses: torch.Tensor) -> torch.Tensor:
         """Per-sample gradients (n x d) of a 1-D loss: one batched backward pass."""
         n = losses.numel()
@@ -103,8 +121,11 @@ class HypergradientEstimator:
         return torch.cat([torch.zeros(n, p.numel(), dtype=p.dtype, device=p.device) if g is None
                           else g.reshape(n, -1) for p, g in zip(self.inner_params, found)], dim=1).detach()
 
-    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, rows: torch.Tensor | None = None) -> None:
-        """Feeds the gradients of one inner step (for loops that step theta themselves)."""
+    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, **observations) -> None:
+        """Feeds the gradients of one inner step (for loops that step theta
+        themselves). Estimators that learn more from a step take it as keyword
+        arguments: ``rows`` (per-sample gradients, n x d), ``cross`` (the
+        step's mixed derivative, NHGD's ``cross="trajectory"``)."""
 
     # ----------------------------------------------------------- outer level
 

@@ -1,68 +1,224 @@
 """Natural Hypergradient Descent (paper Algorithm 1): H^-1 replaced by the
-inverse empirical Fisher, kept current from the gradients the inner loop
-already computes, so the hypergradient costs one solve with the kept inverse
-plus ``cross_batches`` cross-derivative products."""
+inverse Fisher, kept current from the gradients the inner loop already
+computes, so the hypergradient costs one solve with the kept inverse plus
+the cross-derivative products.
+
+Two sources for the Fisher:
+
+* ``fisher="empirical"`` (the paper's): the inner loss's own gradients. It
+  equals the Hessian at the optimum of a well-specified model only.
+* ``fisher="sampled"``: gradients of the model's likelihood at targets drawn
+  from the model's own predictive distribution (``inner_step(...,
+  outputs=...)`` hands over the logits or means). For softmax and Gaussian
+  outputs its expectation is the Gauss-Newton matrix, which is the Hessian of
+  the likelihood term wherever the model is linear in theta in its outputs,
+  misspecified or not. It costs one more backward pass per step and sees the
+  likelihood alone: a regularizer's curvature (2 lambda for lambda |theta|^2)
+  belongs in ``damping``.
+
+Two forms of the cross term (d2_{v theta} l)^T w:
+
+* ``cross="end"``: ``cross_batches`` closure calls at the end of the inner
+  loop, one double-backward each; no dense matrix.
+* ``cross="trajectory"`` (paper Eq. 3.3): the dense d_v x d_theta mixed
+  derivative averaged over the inner steps of the current outer step
+  (``ops.running_average_``); one batched double-backward per step, so only
+  for a small outer dimension.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ..curvature import DenseEFIM
-from .base import Closure, HypergradientEstimator, flat
+from .. import ops
+from ..curvature import KFAC, DenseEFIM
+from .base import Closure, HypergradientEstimator, flat, grads_or_zeros, unflat
+
+_CURVATURE_METHODS = ("update", "update_many", "solve", "reset")
 
 
 class NHGD(HypergradientEstimator):
     """Args:
-        curvature: ``"dense"`` (a :class:`DenseEFIM` over all inner parameters)
-            or an object with ``update(g, batch_size)``, ``update_many(rows)``,
-            ``solve(v)`` and ``reset()``.
-        beta, damping: of the dense curvature (``beta=None``: running average).
-        cross_batches: M, the closure calls averaged for the cross term.
+        curvature: ``"dense"`` (a :class:`DenseEFIM` over all inner
+            parameters), ``"kfac"`` (a :class:`KFAC` over the ``nn.Linear``
+            layers of ``modules``), or an object with ``update(g, batch_size)``,
+            ``update_many(rows)``, ``solve(v)`` and ``reset()``.
+        beta: EMA factor of the curvature (``None``: the running average of
+            Eq. 3.2 for dense, 0.95 for K-FAC).
+        damping: lambda added to the Fisher.
+        fisher: ``"empirical"`` or ``"sampled"`` (then pass ``outputs`` to
+            ``inner_step``); likelihood: ``"categorical"`` (outputs are logits)
+            or ``"gaussian"`` (outputs are means, unit variance).
+        cross: ``"end"`` or ``"trajectory"``; cross_batches: M, the closure
+            calls averaged for ``cross="end"``.
         warm_start: keep the curvature across outer steps (else start afresh
             after every hypergradient).
+        modules: the model whose layers ``curvature="kfac"`` tracks.
+        seed: of the target sampling (``None``: torch's global generator).
     """
 
-    wants_per_sample_rows = True
-
     def __init__(self, inner_params, outer_params, *, curvature="dense", beta: float | None = None,
-                 damping: float = 1e-3, cross_batches: int = 1, warm_start: bool = True, inner_lr: float = 0.1):
+                 damping: float = 1e-3, fisher: str = "empirical", likelihood: str = "categorical",
+                 cross: str = "end", cross_batches: int = 1, warm_start: bool = True, modules=None,
+                 seed: int | None = None, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+        _one_of("fisher", fisher, ("empirical", "sampled"))
+        _one_of("likelihood", likelihood, ("categorical", "gaussian"))
+        _one_of("cross", cross, ("end", "trajectory"))
         if isinstance(cross_batches, bool) or not isinstance(cross_batches, int) or cross_batches < 1:
             raise ValueError(f"NHGD: argument 'cross_batches' must be a positive integer, got {cross_batches!r}")
-        if curvature == "dense":
-            first = self.inner_params[0]
+        first = self.inner_params[0]
+        if isinstance(curvature, str) and curvature == "dense":
             dim = sum(p.numel() for p in self.inner_params)
             curvature = DenseEFIM(dim, beta=beta, damping=damping, dtype=first.dtype, device=first.device)
-        elif not all(hasattr(curvature, m) for m in ("update", "update_many", "solve", "reset")):
-            raise ValueError("NHGD: argument 'curvature' must be 'dense' or an object with "
-                             "update, update_many, solve and reset")
+        elif isinstance(curvature, str) and curvature == "kfac":
+            if modules is None:
+                raise ValueError("NHGD: curvature='kfac' needs argument 'modules' (the model whose "
+                                 "nn.Linear layers it tracks)")
+            curvature = KFAC(modules, params=self.inner_params, beta=0.95 if beta is None else beta,
+                             damping=damping, dtype=first.dtype, device=first.device)
+        elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
+            raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "
+                             f"{', '.join(_CURVATURE_METHODS)}; got {curvature!r}")
         self.curvature = curvature
+        self.fisher, self.likelihood, self.cross_form = fisher, likelihood, cross
         self.cross_batches, self.warm_start = cross_batches, warm_start
+        self.beta = beta
+        # K-FAC reads per-sample information from its layer hooks; per-sample
+        # rows through a batched backward would fire those hooks inside vmap.
+        self.wants_per_sample_rows = getattr(curvature, "takes_rows", True)
+        self._generator = None if seed is None else torch.Generator(device=first.device).manual_seed(seed)
+        self._L: torch.Tensor | None = None  # trajectory average of d2_{v theta} l, d_v x d_theta
+        self._cross_steps = 0
 
-    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, rows: torch.Tensor | None = None) -> None:
+    # -------------------------------------------------------------- inner loop
+
+    def _differentiates_again(self, per_sample: bool, outputs: torch.Tensor | None) -> bool:
+        return (self.cross_form == "trajectory" or self.fisher == "sampled"
+                or super()._differentiates_again(per_sample, outputs))
+
+    def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None) -> dict:
+        found = {}
+        if self.cross_form == "trajectory":
+            with getattr(self.curvature, "paused", contextlib.nullcontext)():
+                found["cross"] = self._mixed_derivative(mean)
+        if self.fisher == "empirical":
+            found.update(super()._observations(loss, mean, outputs))
+            return found
+        losses = self._sampled_losses(outputs)
+        if self.wants_per_sample_rows:
+            found["rows"] = self._per_sample_rows(losses)
+        else:  # the hooks of a K-FAC curvature see this backward pass's output gradients
+            found["fisher_grad"] = flat(grads_or_zeros(losses.mean(), self.inner_params))
+            found["fisher_batch"] = losses.numel()
+        return found
+
+    def _sampled_losses(self, outputs: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample negative log-likelihoods at targets drawn from the model."""
+        if outputs is None or not outputs.requires_grad:
+            raise ValueError("NHGD(fisher='sampled').inner_step: argument 'outputs' must be the model's outputs "
+                             "(one row per sample) with their graph")
+        if self.likelihood == "categorical":
+            if outputs.dim() != 2:
+                raise ValueError(f"NHGD(fisher='sampled'): argument 'outputs' must be logits of shape "
+                                 f"[n, classes], got {list(outputs.shape)}")
+            probs = torch.softmax(outputs.detach().double(), dim=1)
+            targets = torch.multinomial(probs, 1, generator=self._generator).squeeze(1)
+            return F.cross_entropy(outputs, targets, reduction="none")
+        means = outputs if outputs.dim() == 2 else outputs.reshape(outputs.shape[0], -1)
+        noise = torch.randn(means.shape, dtype=means.dtype, device=means.device, generator=self._generator)
+        return 0.5 * (means - (means.detach() + noise)).pow(2).sum(1)
+
+    def _mixed_derivative(self, mean: torch.Tensor) -> torch.Tensor:
+        """d2_{v theta} l of this step's loss (d_v x d_theta): the gradient in v
+        with its graph, then one batched backward pass to theta."""
+        g_v = torch.autograd.grad(mean, self.outer_params, create_graph=True, retain_graph=True, allow_unused=True)
+        g_v = flat([torch.zeros_like(v) if g is None else g for v, g in zip(self.outer_params, g_v)])
+        d_theta = sum(p.numel() for p in self.inner_params)
+        if not g_v.requires_grad:  # v does not reach theta's gradient
+            return torch.zeros(g_v.numel(), d_theta, dtype=g_v.dtype, device=g_v.device)
+        eye = torch.eye(g_v.numel(), dtype=g_v.dtype, device=g_v.device)
+        found = torch.autograd.grad(g_v, self.inner_params, grad_outputs=eye, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True)
+        return torch.cat([torch.zeros(eye.shape[0], p.numel(), dtype=eye.dtype, device=eye.device) if g is None
+                          else g.reshape(eye.shape[0], -1) for p, g in zip(self.inner_params, found)], dim=1).detach()
+
+    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, rows: torch.Tensor | None = None,
+                cross: torch.Tensor | None = None, fisher_grad: torch.Tensor | None = None,
+                fisher_batch: int | None = None) -> None:
+        """Feeds one step: per-sample ``rows`` when given, else the (mean)
+        gradient, or for the sampled Fisher without rows ``fisher_grad``; and
+        the step's mixed derivative ``cross`` for ``cross="trajectory"``."""
+        if self.cross_form == "trajectory":
+            if cross is None:
+                raise ValueError("NHGD(cross='trajectory').observe: argument 'cross' (the step's "
+                                 "d2_{v theta} l, d_v x d_theta) is required")
+            self._average_cross(cross)
         if rows is not None:
             self.curvature.update_many(rows)
+        elif fisher_grad is not None:
+            self.curvature.update(fisher_grad, batch_size=fisher_batch or batch_size)
+        elif self.fisher == "sampled":
+            raise ValueError("NHGD(fisher='sampled').observe: needs 'rows' or 'fisher_grad' from sampled targets; "
+                             "call inner_step(loss, optimizer, outputs=model_outputs)")
         else:
             self.curvature.update(flat(grads), batch_size=batch_size)
+
+    def _average_cross(self, B: torch.Tensor) -> None:
+        d_v = sum(v.numel() for v in self.outer_params)
+        d_theta = sum(p.numel() for p in self.inner_params)
+        if B.shape != (d_v, d_theta):
+            raise ValueError(f"NHGD.observe: argument 'cross' must have shape [{d_v}, {d_theta}], got {list(B.shape)}")
+        B = B.detach().to(self.inner_params[0].dtype)
+        if self._cross_steps == 0:  # the first step is the average so far (no zero prior to scale away)
+            self._L = B.clone(memory_format=torch.contiguous_format)
+        else:
+            a, b = ops.ema_coeffs(self.beta) if self.beta is not None else ops.running_average_coeffs(self._cross_steps)
+            ops.running_average_(self._L, B, a, b)
+        self._cross_steps += 1
+
+    # ----------------------------------------------------------- outer level
 
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         w = self.curvature.solve(f_theta)
-        cross = None
-        for _ in range(self.cross_batches):
-            part = self.cross(self.inner_gradient(inner_closure()), w)
-            cross = part if cross is None else [c + p for c, p in zip(cross, part)]
+        if self.cross_form == "trajectory":
+            if self._L is None:
+                raise RuntimeError("NHGD(cross='trajectory').hypergradient: no inner step observed since the "
+                                   "last hypergradient")
+            cross = unflat(self._L @ w.to(self._L.dtype), self.outer_params)
+            # Eq. 3.3 averages over the current inner loop: v moves after this call.
+            self._L, self._cross_steps = None, 0
+        else:
+            cross = None
+            for _ in range(self.cross_batches):
+                part = self.cross(self.inner_gradient(inner_closure()), w)
+                cross = part if cross is None else [c + p for c, p in zip(cross, part)]
+            cross = [c / self.cross_batches for c in cross]
         if not self.warm_start:
             self.curvature.reset()
-        return self.combine(f_v, [c / self.cross_batches for c in cross])
+        return self.combine(f_v, cross)
+
+    # ----------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {"curvature": self.curvature.state_dict()}
+        return {"curvature": self.curvature.state_dict(),
+                "cross": None if self._L is None else self._L.clone(), "cross_steps": self._cross_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.curvature.load_state_dict(state["curvature"])
+        self._L = None if state.get("cross") is None else state["cross"].clone()
+        self._cross_steps = state.get("cross_steps", 0)
 
     def reset(self) -> None:
         self.curvature.reset()
+        self._L, self._cross_steps = None, 0
+
+
+def _one_of(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"NHGD: argument '{name}' must be one of {', '.join(map(repr, allowed))}, got {value!r}")

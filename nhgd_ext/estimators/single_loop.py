@@ -64,7 +64,7 @@ class SingleLoopITD(HypergradientEstimator):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
         self._g0 = None
 
-    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, rows: torch.Tensor | None = None) -> None:
+    def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, **observations) -> None:
         self._g0 = flat(grads)
         if not self._g0.requires_grad:
             raise ValueError("SingleLoopITD.observe: argument 'grads' must keep their graph (create_graph=True)")
