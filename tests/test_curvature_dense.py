@@ -174,12 +174,12 @@ def test_solve_is_the_inverse_applied():
 
 @pytest.mark.parametrize(
     "beta, d, steps",
-    [(0.9, 64, 100_000), (0.99, 64, 100_000), (None, 64, 100_000), (0.9, 512, 5000), (0.99, 512, 5000)],
-    ids=["ema0.9-d64", "ema0.99-d64", "running-d64", "ema0.9-d512", "ema0.99-d512"],
+    [(0.9, 64, 100_000), (0.99, 64, 100_000), (None, 64, 100_000), (0.9, 512, 100_000), (0.99, 512, 100_000),
+     (None, 512, 100_000)],
+    ids=["ema0.9-d64", "ema0.99-d64", "running-d64", "ema0.9-d512", "ema0.99-d512", "running-d512"],
 )
 def test_long_float32_runs_stay_finite_symmetric_definite_and_accurate(beta, d, steps):
-    """Rank-deficient gradients (rank d/4), 10^5 float32 updates (fewer at
-    d = 512, to keep the suite short): the damping
+    """Rank-deficient gradients (rank d/4), 10^5 float32 updates: the damping
     never vanishes, refreshes are counted, and the inverse stays within 1e-3
     of the float64 inverse of the same (F + mu I)."""
     c = DenseEFIM(d, beta=beta, damping=1e-3)
