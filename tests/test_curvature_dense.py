@@ -83,6 +83,38 @@ def test_update_many_equals_sequential_updates(beta):
     assert rel_err(many.inverse, one.inverse.clone()) < 1e-10
 
 
+@pytest.mark.parametrize("k", [1, 5, 13])
+def test_update_many_per_step_decays_once_per_call(k):
+    """EMA per optimizer step: M' = beta M + (1 - beta)/k sum_i g_i g_i^T,
+    against the float64 inverse of that M."""
+    d, beta, lam = 11, 0.8, 0.5
+    c = DenseEFIM(d, beta=beta, damping=lam, dtype=torch.float64, refresh_below=1e-6)
+    M = lam * torch.eye(d, dtype=torch.float64)
+    for step in range(3):
+        G = grads(k, d, seed=20 + step)
+        c.update_many(G, per_step=True)
+        M = beta * M + (1 - beta) / k * G.T @ G
+    assert c.num_samples == 3 * k and c.num_refreshes == 0
+    assert c.mu == pytest.approx(lam * beta**3)
+    assert rel_err(c.inverse, torch.linalg.inv(M)) < 1e-12
+
+
+def test_an_update_that_forgets_almost_everything_rebuilds_exactly():
+    """beta**k = 0.8**100 ~ 2e-10 per call: the in-place update would divide
+    the float32 state by that; the inverse is rebuilt from F instead."""
+    d, k, beta = 20, 100, 0.8
+    c = DenseEFIM(d, beta=beta, damping=0.05)
+    F = torch.zeros(d, d, dtype=torch.float64)
+    for step in range(3):
+        G = grads(k, d, seed=40 + step, dtype=torch.float32)
+        c.update_many(G)
+        w = (1 - beta) * beta ** torch.arange(k - 1, -1, -1, dtype=torch.float64)
+        F = beta**k * F + (G.double().T * w) @ G.double()
+    assert c.num_refreshes == 3 and c.mu == c.damping
+    ref = torch.linalg.inv(F + 0.05 * torch.eye(d, dtype=torch.float64))
+    assert rel_err(c.inverse.double(), ref) < 1e-5
+
+
 def test_batch_mean_is_scaled_by_sqrt_batch_size():
     d, D = 11, 16
     g = grads(1, d, seed=4)[0]

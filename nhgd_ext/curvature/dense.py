@@ -105,9 +105,11 @@ class DenseEFIM:
 
     # ---------------------------------------------------------------- updates
 
-    def _coefficients(self, k: int) -> tuple[float, torch.Tensor]:
+    def _coefficients(self, k: int, per_step: bool = False) -> tuple[float, torch.Tensor]:
         """(a, row weights) that fold k new samples into the damped matrix."""
         n = self.num_samples
+        if per_step and self.beta is not None:
+            return self.beta, torch.full((k,), (1 - self.beta) / k, dtype=torch.float64)
         if self.beta is None:
             if n == 0:
                 return 1.0, torch.full((k,), 1.0 / k, dtype=torch.float64)
@@ -140,6 +142,10 @@ class DenseEFIM:
             x = x * math.sqrt(batch_size)
         a, w = self._coefficients(1)
         b = float(w[0])
+        if self._refresh_follows(a):
+            self._remember(x.reshape(1, -1), a, b)
+            self._advance(a, 1)
+            return
         try:
             ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b)
         except RuntimeError:
@@ -150,12 +156,23 @@ class DenseEFIM:
         self._remember(x.reshape(1, -1), a, b)
         self._advance(a, 1)
 
-    def update_many(self, G: torch.Tensor) -> None:
-        """Feeds the rows of G (k x d) as k samples, oldest first, in one rank-k step."""
+    def update_many(self, G: torch.Tensor, *, per_step: bool = False) -> None:
+        """Feeds the rows of G (k x d) as k samples, oldest first, in one rank-k step.
+
+        ``per_step=True``: the rows are the per-sample gradients of one
+        optimizer step, and an EMA decays once per step (by ``beta``, as for
+        one batch-mean gradient) with the rows sharing the new weight
+        ``(1 - beta) / k``, rather than once per row (``beta**k``, which at
+        the paper's beta = 0.8 and a batch of 100 would forget everything
+        every step). The running average counts rows either way."""
         X = self._rows("G", G, 2)
         k = X.shape[0]
-        a, w = self._coefficients(k)
+        a, w = self._coefficients(k, per_step)
         H = X * w.sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
+        if self._refresh_follows(a):
+            self._remember(H, a, 1.0)
+            self._advance(a, k)
+            return
         self._flush()
         try:
             ops.woodbury_(self._A, H, a)
@@ -183,6 +200,13 @@ class DenseEFIM:
         elif self._scale != 1.0:
             self._F.mul_(self._scale)
         self._pending_rows, self._pending_weights, self._scale = [], [], 1.0
+
+    def _refresh_follows(self, a: float) -> bool:
+        """Whether this update takes the damping below the refresh threshold:
+        then the refresh rebuilds the inverse from F anyway, and the in-place
+        update is skipped (for a tiny a, say beta**k over a large batch, it
+        would divide the float32 state by a and overflow)."""
+        return self.mu * a < self.refresh_below * self.damping
 
     def _advance(self, a: float, k: int) -> None:
         self.num_updates += 1

@@ -143,8 +143,10 @@ class KFAC:
         self._update_diagonal(g.detach().reshape(1, -1) * math.sqrt(batch_size))
         self._update_factors()
 
-    def update_many(self, rows: torch.Tensor) -> None:
-        """Per-sample gradient rows feed the diagonal blocks; the factors come from the hooks."""
+    def update_many(self, rows: torch.Tensor, *, per_step: bool = True) -> None:
+        """Per-sample gradient rows feed the diagonal blocks; the factors come
+        from the hooks. Both decay once per call (``per_step`` is accepted for
+        the curvature protocol; K-FAC always works per step)."""
         self._update_diagonal(rows.detach())
         self._update_factors()
 

@@ -46,9 +46,10 @@ class NHGD(HypergradientEstimator):
         curvature: ``"dense"`` (a :class:`DenseEFIM` over all inner
             parameters), ``"kfac"`` (a :class:`KFAC` over the ``nn.Linear``
             layers of ``modules``), or an object with ``update(g, batch_size)``,
-            ``update_many(rows)``, ``solve(v)`` and ``reset()``.
-        beta: EMA factor of the curvature (``None``: the running average of
-            Eq. 3.2 for dense, 0.95 for K-FAC).
+            ``update_many(rows, per_step=True)`` (one step's per-sample rows:
+            an EMA decays once), ``solve(v)`` and ``reset()``.
+        beta: EMA factor of the curvature per inner step (``None``: the
+            running average of Eq. 3.2 for dense, 0.95 for K-FAC).
         damping: lambda added to the Fisher.
         fisher: ``"empirical"`` or ``"sampled"`` (then pass ``outputs`` to
             ``inner_step``); likelihood: ``"categorical"`` (outputs are logits)
@@ -159,7 +160,7 @@ class NHGD(HypergradientEstimator):
                                  "d2_{v theta} l, d_v x d_theta) is required")
             self._average_cross(cross)
         if rows is not None:
-            self.curvature.update_many(rows)
+            self.curvature.update_many(rows, per_step=True)
         elif fisher_grad is not None:
             self.curvature.update(fisher_grad, batch_size=fisher_batch or batch_size)
         elif self.fisher == "sampled":

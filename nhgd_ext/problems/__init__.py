@@ -12,8 +12,8 @@ _HOME = {
     "HyperDataCleaning": "cleaning",
     "DataDistillation": "distillation",
     "SyntheticQuadratic": "quadratic",
-    "HeatPDEControl": "pde",
-    "PoissonControl1D": "pde",
+    "HeatPDEControl": "pde_heat",
+    "PoissonControl1D": "pde_poisson",
 }
 
 __all__ = ["BilevelProblem", "Settings", *_HOME]

@@ -37,6 +37,9 @@ class BilevelProblem:
     """
 
     name: str = "problem"
+    #: the network the inner parameters belong to, where there is one (NHGD's
+    #: ``curvature="kfac"`` hooks its ``nn.Linear`` layers)
+    model: torch.nn.Module | None = None
     inner_params: list[torch.Tensor]
     outer_params: list[torch.Tensor]
     settings: Settings
