@@ -4,4 +4,14 @@ from ._build import backend, compiled_with_cuda
 from . import ops
 
 __version__ = "0.1.0"
-__all__ = ["backend", "compiled_with_cuda", "ops", "__version__"]
+__all__ = ["backend", "compiled_with_cuda", "ops", "run", "__version__"]
+
+
+def __getattr__(name: str):
+    # nhgd_ext.run(problem, method, ...) -> History; imported on first use so
+    # that the operators alone do not pull in the problems and their data.
+    if name == "run":
+        from .runner import run
+
+        return run
+    raise AttributeError(f"module 'nhgd_ext' has no attribute {name!r}")

@@ -79,6 +79,8 @@ class History:
     method: str
     rows: list[dict[str, float]] = field(default_factory=list)
     setup_seconds: float = 0.0
+    #: a throwaway first outer step (lazy initialization, kernel caches), not in ``rows``' times
+    warmup_seconds: float = 0.0
     peak_memory_bytes: int | None = None
     memory_kind: str = ""
 

@@ -1,0 +1,181 @@
+"""``python -m nhgd_ext``: the main job (``demo``) and the paper's comparisons (``run``).
+
+    python -m nhgd_ext demo [--out DIR]
+    python -m nhgd_ext run cleaning|distillation|heat-pde|poisson|quadratic \\
+        [--methods nhgd,cg10,neumann10,none,...] [--outer-steps K] [--inner-steps T] \\
+        [--device cpu|cuda] [--seed S] [--data-dir PATH] [--out DIR]
+
+Every method runs on its own fresh instance of the problem (same seed: same
+data, same starting point). Bad arguments end with one line on stderr and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import problems, report
+from .runner import METHODS, method_spec, run
+
+#: command-line name -> (class name in nhgd_ext.problems, accepts --data-dir)
+PROBLEMS = {
+    "cleaning": ("HyperDataCleaning", True),
+    "distillation": ("DataDistillation", True),
+    "heat-pde": ("HeatPDEControl", False),
+    "poisson": ("PoissonControl1D", False),
+    "quadratic": ("SyntheticQuadratic", False),
+}
+
+DEMO_METHODS = ["nhgd", "cg10", "neumann10", "none"]
+DEMO_OUTER_STEPS = 100
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m nhgd_ext", description="Bilevel optimization by natural hypergradient descent.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = commands.add_parser("demo", help="hyper-data cleaning on the embedded digits, 50%% label noise: "
+                                            "NHGD against CG10, Neumann10 and no reweighting")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--outer-steps", type=int, default=DEMO_OUTER_STEPS)
+    demo.add_argument("--inner-steps", type=int, default=None)
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    runner = commands.add_parser("run", help="one problem, several methods, side by side")
+    runner.add_argument("problem", help=", ".join(PROBLEMS))
+    runner.add_argument("--methods", default="nhgd,cg10,neumann10,none",
+                        help=f"comma-separated, from {', '.join(METHODS)} (also cgN, neumannN)")
+    runner.add_argument("--outer-steps", type=int, default=None)
+    runner.add_argument("--inner-steps", type=int, default=None)
+    runner.add_argument("--inner-lr", type=float, default=None)
+    runner.add_argument("--outer-lr", type=float, default=None)
+    runner.add_argument("--device", default="cpu")
+    runner.add_argument("--seed", type=int, default=0)
+    runner.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with MNIST / Fashion-MNIST IDX files (default: the embedded digits)")
+    runner.add_argument("--out", type=Path, default=None, help="output folder (default: out/<problem>)")
+    runner.add_argument("--last", type=int, default=None, help="average the table's figures over the last N steps")
+    runner.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "demo":
+            return _compare("cleaning", DEMO_METHODS, args, out=args.out, data_dir=None,
+                            outer_steps=args.outer_steps, last=10)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        return _compare(args.problem, methods, args, out=args.out or Path("out") / args.problem,
+                        data_dir=args.data_dir, outer_steps=args.outer_steps, last=args.last)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"nhgd_ext: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nhgd_ext: interrupted", file=sys.stderr)
+        return 130
+
+
+def _compare(problem_name: str, methods: list[str], args, *, out: Path, data_dir, outer_steps, last) -> int:
+    if problem_name not in PROBLEMS:
+        raise UsageError(f"unknown problem {problem_name!r}; choose from {', '.join(PROBLEMS)}")
+    if not methods:
+        raise UsageError("argument --methods: no method given")
+    for method in methods:
+        method_spec(method)  # unknown names fail before any work
+    for name in ("outer_steps", "inner_steps", "inner_lr", "outer_lr"):
+        value = outer_steps if name == "outer_steps" else getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UsageError(f"argument --{name.replace('_', '-')}: must be positive, got {value}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"argument --device: {args.device!r} requested but no CUDA device is visible")
+    class_name, takes_data = PROBLEMS[problem_name]
+    if data_dir is not None and not takes_data:
+        raise UsageError(f"argument --data-dir: problem {problem_name!r} uses no data set")
+    cls = getattr(problems, class_name)
+    kwargs: dict[str, Any] = {"seed": args.seed, "device": args.device}
+    if takes_data:
+        kwargs["data_dir"] = data_dir
+
+    pristine = cls(**kwargs)  # built once (data loading, pretraining), copied per run
+
+    def fresh():
+        return copy.deepcopy(pristine)
+
+    settings_source = pristine
+    loop = {"outer_steps": outer_steps or settings_source.settings.outer_steps,
+            "inner_steps": args.inner_steps or settings_source.settings.inner_steps,
+            "inner_lr": getattr(args, "inner_lr", None), "outer_lr": getattr(args, "outer_lr", None)}
+    last = last or max(1, min(10, loop["outer_steps"] // 5))
+    histories = []
+    for method in methods:
+        warm = time.perf_counter()
+        run(fresh(), method, **{**loop, "outer_steps": 1, "inner_steps": 1}, seed=args.seed)
+        warmup = time.perf_counter() - warm
+        bar = _progress(method, loop["outer_steps"], args.quiet)
+        history = run(fresh(), method, **loop, seed=args.seed, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        history.warmup_seconds = warmup
+        histories.append(history)
+    references = settings_source.references(loop["inner_steps"] * loop["outer_steps"])
+    metric = report.headline_metric(histories)
+    print(f"\n{problem_name} (seed {args.seed}, {loop['outer_steps']} outer x {loop['inner_steps']} inner steps, "
+          f"device {args.device})")
+    print(report.table(histories, references, metric, last))
+    config = {"problem": problem_name, "methods": methods, "seed": args.seed, "device": args.device,
+              "data_dir": None if data_dir is None else str(data_dir), **loop,
+              "torch": torch.__version__, "backend": _backend(args.device)}
+    written = report.write_all(out, histories, references, config, last)
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+class _Bar:
+    def __init__(self, method: str, total: int):
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(total=total, desc=f"{method:>10}", unit="step", leave=True, file=sys.stderr)
+
+    def update(self, step: int, row: dict[str, float]) -> None:
+        shown = {"loss": f"{row['outer_loss']:.4g}"}
+        for key in report.PREFERRED_METRICS:
+            if key in row:
+                shown[key.replace("test_", "")] = f"{row[key]:.4g}"
+                break
+        self.tqdm.set_postfix(shown, refresh=False)
+        self.tqdm.update(1)
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def _progress(method: str, total: int, quiet: bool):
+    return None if quiet else _Bar(method, total)
+
+
+def _backend(device: str) -> str:
+    from . import backend
+
+    return backend(device)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split())

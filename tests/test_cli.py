@@ -1,0 +1,117 @@
+"""The runner and ``python -m nhgd_ext`` end to end, on tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nhgd_ext.cli import main
+from nhgd_ext.problems import HyperDataCleaning, SyntheticQuadratic
+from nhgd_ext.runner import History, make_estimator, method_spec, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_records_every_outer_step_and_times_only_the_loops():
+    problem = SyntheticQuadratic.random(5, 3, mu=0.5, L=2.0, seed=1, noise=0.0, batch_size=None)
+    history = run(problem, "cg10", outer_steps=4, inner_steps=3)
+    assert isinstance(history, History)
+    assert [row["step"] for row in history.rows] == [0, 1, 2, 3, 4]
+    times = [row["wall_time"] for row in history.rows]
+    assert times[0] == 0.0 and all(b >= a for a, b in zip(times, times[1:]))
+    assert {"outer_loss", "grad_norm_sq", "inner_distance"} <= history.rows[-1].keys()
+
+
+def test_exact_hypergradient_descent_lowers_the_quadratic_objective():
+    problem = SyntheticQuadratic.random(6, 4, mu=1.0, L=3.0, seed=2, noise=0.0, batch_size=None)
+    history = run(problem, "cg40", outer_steps=30, inner_steps=20, outer_lr=0.2)
+    assert history.rows[-1]["grad_norm_sq"] < 1e-3 * history.rows[0]["grad_norm_sq"]
+
+
+def test_none_trains_the_inner_problem_and_leaves_v_alone():
+    problem = HyperDataCleaning(seed=0, n_train=200, n_val=50)
+    v_before = [v.detach().clone() for v in problem.outer_params]
+    history = run(problem, "none", outer_steps=3, inner_steps=5)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(v_before, problem.outer_params))
+    assert history.rows[-1]["outer_loss"] < history.rows[0]["outer_loss"]
+
+
+def test_method_names():
+    assert method_spec("cg25")[1] == {"iters": 25}
+    assert method_spec("neumann3")[1] == {"iters": 3}
+    for bad in ("cg0", "newton", "NHGD"):
+        with pytest.raises(ValueError, match="unknown method"):
+            method_spec(bad)
+
+
+def test_problem_options_reach_the_estimator_and_kfac_finds_the_model():
+    problem = HyperDataCleaning(seed=0, n_train=100, n_val=20)
+    est = make_estimator(problem, "nhgd-kfac")
+    assert est.curvature.layers[0].module is problem.model
+    assert make_estimator(problem, "neumann10").scale == problem.settings.method_options["neumann10"]["scale"]
+    with pytest.raises(ValueError, match="nn.Linear"):
+        make_estimator(SyntheticQuadratic(seed=0), "nhgd-kfac")
+
+
+def test_cli_run_writes_its_files_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "q"
+    code = main(["run", "quadratic", "--methods", "nhgd,cg10,none", "--outer-steps", "3", "--inner-steps", "2",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for method in ("nhgd", "cg10", "none"):
+        assert any(line.split()[:1] == [method] for line in printed.splitlines())
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"nhgd", "cg10", "none"}
+    assert results["headline_metric"] == "grad_norm_sq"
+    assert results["methods"]["cg10"]["outer_steps"] == 3
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert len(rows) == 3 * 4 and {r["method"] for r in rows} == {"nhgd", "cg10", "none"}
+    for png in ("outer_loss.png", "grad_norm_sq.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_cleaning_shows_the_val_only_reference(tmp_path, capsys):
+    code = main(["run", "cleaning", "--methods", "cg10,none", "--outer-steps", "2", "--inner-steps", "2",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "val-only" in printed and "test_accuracy" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0.0 <= results["methods"]["cg10"]["test_accuracy"] <= 1.0
+    assert "val-only" in results["references"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "sudoku"], "unknown problem"),
+    (["run", "quadratic", "--methods", "cg10,newton"], "unknown method"),
+    (["run", "quadratic", "--outer-steps", "0"], "--outer-steps"),
+    (["run", "quadratic", "--inner-steps", "-3"], "--inner-steps"),
+    (["run", "cleaning", "--data-dir", "/nonexistent/mnist"], "train-images-idx3-ubyte"),
+    (["run", "quadratic", "--data-dir", "/tmp"], "--data-dir"),
+    (["run", "quadratic", "--outer-steps", "many"], "--outer-steps"),
+    (["fly"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(argv, says, capsys, tmp_path):
+    assert main(argv + (["--out", str(tmp_path)] if argv[:1] == ["run"] else [])) == 2
+    err = capsys.readouterr().err
+    assert says in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_python_dash_m_exits_2_without_a_traceback():
+    env = dict(os.environ, NHGD_WITH_CUDA=os.environ.get("NHGD_WITH_CUDA", "0"))
+    done = subprocess.run([sys.executable, "-m", "nhgd_ext", "run", "quadratic", "--methods", "bogus"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("nhgd_ext: error")]
+    assert lines == ["nhgd_ext: error: unknown method 'bogus'; choose from " + lines[0].split("choose from ")[1]]
+    assert "Traceback" not in done.stderr
