@@ -20,9 +20,8 @@ cd "$ROOT"
 export NHGD_WITH_CUDA="${NHGD_WITH_CUDA:-1}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-TORCH_SPEC="${NHGD_TORCH_SPEC:-torch==2.14.1}"
-VENV="$ROOT/.venv"
-PY="$VENV/bin/python"
+# shellcheck source=scripts/env.sh
+source "$ROOT/scripts/env.sh"  # VENV, PY, make_venv, install_torch
 
 STEPS=()
 T_START=$(date +%s)
@@ -50,20 +49,6 @@ step() {
   local dt=$(( $(date +%s) - t0 ))
   STEPS+=("$(printf '%-28s %5ss' "$name:" "$dt")")
   echo "-- $name: ${dt}s"
-}
-
-make_venv() {
-  if [ ! -x "$PY" ]; then
-    "${PYTHON:-python3}" -m venv "$VENV"
-  fi
-  "$PY" --version
-}
-
-install_torch() {
-  # setuptools/wheel: the --no-build-isolation build below uses the venv's own.
-  "$PY" -m pip install "$TORCH_SPEC" "setuptools>=64" wheel ninja
-  if ! command -v cmake >/dev/null 2>&1; then "$PY" -m pip install "cmake>=3.18"; fi
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 }
 
 toolchain() {
@@ -110,6 +95,8 @@ EOF
 }
 
 cmake_build() {
+  if ! command -v cmake >/dev/null 2>&1 && [ ! -x "$VENV/bin/cmake" ]; then "$PY" -m pip install "cmake>=3.18"; fi
+  if ! command -v cmake >/dev/null 2>&1; then export PATH="$VENV/bin:$PATH"; fi
   local args=(-S . -B build/cmake -DPython3_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release)
   local gen="Unix Makefiles"
   if command -v ninja >/dev/null 2>&1; then
