@@ -1,11 +1,14 @@
-// Makes the ahead-of-time build importable as the Python module nhgd_ext._C.
-// Importing it runs the static operator registrations of ops.cpp; the module
-// itself has no attributes: everything is reached through torch.ops.nhgd_ext.
-#include <Python.h>
+// The Python module of the compiled extension: nhgd_ext._C for the
+// ahead-of-time build, nhgd_ext_ops[_cuda] when compiled on first import
+// (TORCH_EXTENSION_NAME is set by torch's builders to the right one).
+// Importing it runs the static operator registrations of ops.cpp (reached
+// through torch.ops.nhgd_ext); its one attribute of its own is the pipeline
+// engine.
+#include "pipeline/python_bindings.h"
 
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "nhgd_ext compiled operators (see torch.ops.nhgd_ext)", -1, nullptr,
-  };
-  return PyModule_Create(&module_def);
+#include <pybind11/pybind11.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "nhgd_ext compiled operators (see torch.ops.nhgd_ext) and the pipeline engine";
+  nhgd::pipeline::bind_python(m);
 }

@@ -19,7 +19,7 @@ import torch
 
 from . import _toolchain
 
-_state = {"kind": None, "with_cuda": False, "error": None}
+_state = {"kind": None, "with_cuda": False, "error": None, "module": None}
 
 
 def _jit_build() -> None:
@@ -36,15 +36,15 @@ def _jit_build() -> None:
             file=sys.stderr,
             flush=True,
         )
-    cpp_extension.load(
+    _state["module"] = cpp_extension.load(
         name=name,
-        sources=_toolchain.sources(with_cuda, python_module=False),
+        sources=_toolchain.sources(with_cuda, python_module=True),
         extra_include_paths=_toolchain.include_dirs(with_cuda),
         extra_cflags=_toolchain.cxx_flags(with_cuda),
         extra_cuda_cflags=_toolchain.nvcc_flags() if with_cuda else None,
         extra_ldflags=_toolchain.ldflags(with_cuda),
         with_cuda=with_cuda,
-        is_python_module=False,
+        is_python_module=True,  # the pipeline engine is a pybind11 class of the module
         verbose=os.environ.get("NHGD_VERBOSE_BUILD") == "1",
     )
 
@@ -69,7 +69,9 @@ def _load() -> None:
     try:
         if _prebuilt_is_stale():
             raise ImportError("nhgd_ext._C is older than the sources in csrc/")
-        from . import _C  # noqa: F401  (importing registers the operators)
+        from . import _C  # importing registers the operators
+
+        _state["module"] = _C
     except ImportError:
         try:
             _jit_build()
@@ -115,6 +117,13 @@ def backend(device: str | torch.device | None = None) -> str:
     if kind == "cuda":
         return "cuda" if _state["with_cuda"] else "reference"
     raise ValueError(f"backend: argument 'device' must be a CPU or CUDA device, got {device!r}")
+
+
+def native_module():
+    """The compiled Python module (``nhgd_ext._C`` or its first-import build),
+    or ``None`` when the reference operators run. It holds the classes that
+    are not operators (the pipeline engine)."""
+    return _state["module"] if _state["kind"] == "compiled" else None
 
 
 def compiled_with_cuda() -> bool:

@@ -72,13 +72,16 @@ def _glob(directory: Path, *patterns: str) -> list[Path]:
 def sources(with_cuda: bool, python_module: bool) -> list[str]:
     """Absolute, sorted paths of the translation units to compile.
 
-    ``csrc/*.cpp`` (``module.cpp``, the ``PyInit__C`` stub, only when building
-    the Python module ``nhgd_ext._C``), ``csrc/cpu/*.cpp``, and with CUDA also
-    ``csrc/cuda/*.cpp`` (host glue) and ``csrc/cuda/*.cu`` (kernels).
+    ``csrc/*.cpp`` (``module.cpp``, the pybind11 module, only when building a
+    Python module), ``csrc/cpu/*.cpp``, ``csrc/pipeline/*.cpp`` (its Python
+    binding only for a Python module; its CUDA route compiles to the CPU-only
+    factory without ``NHGD_WITH_CUDA``), and with CUDA also ``csrc/cuda/*.cpp``
+    (host glue) and ``csrc/cuda/*.cu`` (kernels).
     """
     root = source_root()
-    files = [p for p in _glob(root, "*.cpp") if python_module or p.name != "module.cpp"]
-    files += _glob(root / "cpu", "*.cpp")
+    python_only = {"module.cpp", "python_bindings.cpp"}
+    files = _glob(root, "*.cpp") + _glob(root / "cpu", "*.cpp") + _glob(root / "pipeline", "*.cpp")
+    files = [p for p in files if python_module or p.name not in python_only]
     if with_cuda:
         files += _glob(root / "cuda", "*.cpp", "*.cu")
     return sorted(str(p.resolve()) for p in files)

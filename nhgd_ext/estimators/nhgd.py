@@ -59,13 +59,16 @@ class NHGD(HypergradientEstimator):
         warm_start: keep the curvature across outer steps (else start afresh
             after every hypergradient).
         modules: the model whose layers ``curvature="kfac"`` tracks.
+        pipeline: a :class:`nhgd_ext.pipeline.Pipeline` holding the curvature:
+            the inner steps push their gradients to it and return at once,
+            the consumer applies them beside the training (paper Algorithm 2).
         seed: of the target sampling (``None``: torch's global generator).
     """
 
     def __init__(self, inner_params, outer_params, *, curvature="dense", beta: float | None = None,
                  damping: float = 1e-3, fisher: str = "empirical", likelihood: str = "categorical",
                  cross: str = "end", cross_batches: int = 1, warm_start: bool = True, modules=None,
-                 seed: int | None = None, inner_lr: float = 0.1):
+                 seed: int | None = None, pipeline=None, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
         _one_of("fisher", fisher, ("empirical", "sampled"))
         _one_of("likelihood", likelihood, ("categorical", "gaussian"))
@@ -73,6 +76,13 @@ class NHGD(HypergradientEstimator):
         if isinstance(cross_batches, bool) or not isinstance(cross_batches, int) or cross_batches < 1:
             raise ValueError(f"NHGD: argument 'cross_batches' must be a positive integer, got {cross_batches!r}")
         first = self.inner_params[0]
+        if pipeline is not None:
+            if not (isinstance(curvature, str) and curvature == "dense"):
+                raise ValueError("NHGD: argument 'pipeline' carries its own curvature (Pipeline(curvature, ...)); "
+                                 "do not give NHGD a 'curvature' as well")
+            # a Pipeline has the curvature interface: updates are pushed to the
+            # consumer, solve() flushes them and solves there
+            curvature = pipeline
         if isinstance(curvature, str) and curvature == "dense":
             dim = sum(p.numel() for p in self.inner_params)
             curvature = DenseEFIM(dim, beta=beta, damping=damping, dtype=first.dtype, device=first.device)
@@ -85,7 +95,7 @@ class NHGD(HypergradientEstimator):
         elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
             raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "
                              f"{', '.join(_CURVATURE_METHODS)}; got {curvature!r}")
-        self.curvature = curvature
+        self.curvature, self.pipeline = curvature, pipeline
         self.fisher, self.likelihood, self.cross_form = fisher, likelihood, cross
         self.cross_batches, self.warm_start = cross_batches, warm_start
         self.beta = beta

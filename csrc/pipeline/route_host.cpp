@@ -1,0 +1,62 @@
+// The CPU route and the slot layout shared by every route.
+#include "pipeline/route.h"
+
+#include <c10/util/Exception.h>
+
+namespace nhgd::pipeline {
+
+std::vector<TensorLayout> pack_layout(const std::vector<at::Tensor>& tensors, int64_t& total) {
+  std::vector<TensorLayout> layout;
+  layout.reserve(tensors.size());
+  int64_t offset = 0;
+  for (const auto& t : tensors) {
+    const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
+    layout.push_back({t.scalar_type(), t.sizes().vec(), offset, nbytes});
+    offset += (nbytes + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
+  }
+  total = offset;
+  return layout;
+}
+
+at::Tensor slot_view(const at::Tensor& bytes, const TensorLayout& layout) {
+  return bytes.narrow(0, layout.offset, layout.nbytes).view(layout.dtype).view(layout.sizes);
+}
+
+namespace {
+
+class HostRoute final : public Route {
+ public:
+  std::string name() const override { return "host"; }
+
+  void prepare(Slot&) override {}
+
+  void fill(Slot& slot, const std::vector<at::Tensor>& tensors) override {
+    int64_t total = 0;
+    auto layout = pack_layout(tensors, total);
+    if (!slot.bytes.defined() || slot.bytes.numel() < total) {
+      // Grown, never shrunk: a stream of equal-sized messages allocates once per slot.
+      slot.bytes = at::empty({std::max<int64_t>(total, kSlotAlignment)}, at::kByte);
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) slot_view(slot.bytes, layout[i]).copy_(tensors[i]);
+    slot.layout = std::move(layout);
+  }
+
+  std::vector<at::Tensor> take(Slot& slot) override {
+    // Copies, not views: the update may keep its input (DenseEFIM keeps rows
+    // for its next fold) while the slot is refilled.
+    std::vector<at::Tensor> out;
+    out.reserve(slot.layout.size());
+    for (const auto& l : slot.layout) out.push_back(slot_view(slot.bytes, l).clone());
+    return out;
+  }
+
+  void run_on_consumer(const std::function<void()>& fn) override { fn(); }
+
+  void producer_waits_for_consumer() override {}
+};
+
+}  // namespace
+
+std::unique_ptr<Route> make_host_route() { return std::make_unique<HostRoute>(); }
+
+}  // namespace nhgd::pipeline

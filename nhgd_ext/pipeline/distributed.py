@@ -1,0 +1,207 @@
+"""``transport="distributed"``: the pipeline's messages over ``torch.distributed``
+to a consumer process that owns the curvature (gloo on CPU, NCCL on GPUs).
+
+Producer process::
+
+    with Pipeline(None, transport="distributed", consumer_rank=1) as pipe:
+        for step in ...:
+            pipe.push(grad, batch_size=B)     # returns at once; a sender thread sends
+        w = pipe.solve(v)                     # answered by the consumer
+
+Consumer process::
+
+    serve(DenseEFIM(d, dtype=torch.float64), producer_rank=0)   # returns at the producer's close()
+
+The producer side is the local engine whose consumer thread *sends* each
+message instead of applying it, so ``push`` keeps its semantics (copy, return,
+block only on full slots). Traffic is one-way except for requests (solve,
+flush of the count, close), which the consumer answers. An error in the
+consumer's update is reported in the answer to the producer's next request
+(``flush``/``solve``/``num_updates``/``close``): a plain send cannot be
+refused. The producer's error (``abort``, or an exception leaving its ``with``
+block) makes ``serve`` raise; a producer process that dies makes ``serve``
+raise when the connection drops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._messages import UPDATE, UPDATE_MANY, PipelineError, apply_update
+
+# ops on the wire
+_HELLO, _SOLVE, _RESET, _NUM_UPDATES, _INVERSE, _CLOSE, _ABORT = 10, 11, 12, 13, 14, 15, 16
+_REQUESTS = {"solve": _SOLVE, "reset": _RESET, "num_updates": _NUM_UPDATES, "inverse": _INVERSE, "close": _CLOSE}
+_OK, _ERROR = 0, 1
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64]
+_MAX_TENSORS, _MAX_DIMS = 2, 2
+_HEADER = 4 + _MAX_TENSORS * (2 + _MAX_DIMS)  # op/status, a, b, n, then (dtype, ndim, sizes...) per tensor
+
+
+def _wire_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _send(op: int, a: int, b: int, tensors, peer: int, group, wire: torch.device) -> None:
+    if len(tensors) > _MAX_TENSORS or any(t.dim() > _MAX_DIMS for t in tensors):
+        raise ValueError("Pipeline: a message holds at most two tensors of at most two dimensions")
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header[:4] = torch.tensor([op, a, b, len(tensors)])
+    for i, t in enumerate(tensors):
+        at = 4 + i * (2 + _MAX_DIMS)
+        header[at] = _DTYPES.index(t.dtype)
+        header[at + 1] = t.dim()
+        header[at + 2:at + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.send(header.to(wire), peer, group=group)
+    for t in tensors:
+        dist.send(t.contiguous().to(wire), peer, group=group)
+
+
+def _recv(peer: int, group, wire: torch.device):
+    header = torch.empty(_HEADER, dtype=torch.int64, device=wire)
+    dist.recv(header, peer, group=group)
+    h = header.tolist()
+    tensors = []
+    for i in range(h[3]):
+        at = 4 + i * (2 + _MAX_DIMS)
+        shape = h[at + 2:at + 2 + h[at + 1]]
+        t = torch.empty(shape, dtype=_DTYPES[h[at]], device=wire)
+        dist.recv(t, peer, group=group)
+        tensors.append(t)
+    return h[0], h[1], h[2], tensors
+
+
+def _text(message: str) -> torch.Tensor:
+    return torch.tensor(list(message.encode()) or [32], dtype=torch.uint8)
+
+
+def _untext(t: torch.Tensor) -> str:
+    return bytes(t.cpu().tolist()).decode(errors="replace")
+
+
+def _global_rank(rank: int, group) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class RemoteConsumer:
+    """The producer's side of the link (used by :class:`Pipeline`)."""
+
+    def __init__(self, producer: torch.device, consumer_rank: int, group):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("Pipeline: transport='distributed' needs torch.distributed initialized "
+                             "(torchrun, or dist.init_process_group) in both processes")
+        if consumer_rank == dist.get_rank(group):
+            raise ValueError(f"Pipeline: argument 'consumer_rank' is this process's own rank ({consumer_rank})")
+        self.group, self.peer = group, _global_rank(consumer_rank, group)
+        self.wire = _wire_device(group)
+        if self.wire.type == "cuda" and producer.type == "cuda":
+            self.sender_device = producer
+        else:
+            self.sender_device = torch.device("cpu") if self.wire.type == "cpu" else self.wire
+        self.done = False
+        _, dim, flags, _ = self._exchange(_HELLO, 0, [])
+        self.dim, self.has_cross_handler = dim, bool(flags & 1)
+        self.dtype = _DTYPES[flags >> 8] if flags >> 8 < len(_DTYPES) else None
+        self.consumer_device = torch.device("cpu")  # the remote curvature's device is not ours to use
+
+    def send_update(self, tensors, meta) -> None:
+        _send(int(meta[0]), int(meta[1]), int(meta[2]), tensors, self.peer, self.group, self.wire)
+
+    def request(self, what: str, argument):
+        op = _REQUESTS.get(what)
+        if op is None:
+            raise ValueError(f"Pipeline: {what} is not available over transport='distributed'")
+        tensors = [argument] if what == "solve" else []
+        _, value, _, result = self._exchange(op, 0, tensors)
+        if what == "close":
+            self.done = True
+        if what in ("solve", "inverse"):
+            return result[0]
+        return value if what == "num_updates" else None
+
+    def send_abort(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                _send(_ABORT, 0, 0, [_text(reason)], self.peer, self.group, self.wire)
+            except Exception:  # noqa: BLE001 - the consumer may be gone already
+                pass
+
+    def finish(self, failed: bool) -> None:
+        if not self.done:
+            self.send_abort("the producer closed the pipeline without draining it" if not failed
+                            else "the stream failed")
+
+    def _exchange(self, op: int, a: int, tensors):
+        _send(op, a, 0, tensors, self.peer, self.group, self.wire)
+        status, x, y, result = _recv(self.peer, self.group, self.wire)
+        if status != _OK:  # the consumer reported its failure; it drains until our abort
+            raise PipelineError(f"Pipeline consumer (rank {self.peer}): {_untext(result[0])}")
+        return status, x, y, result
+
+
+def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> dict:
+    """Runs the consumer of a ``transport="distributed"`` pipeline in this
+    process until the producer closes it: applies every message to
+    ``curvature`` (in order, with the same calls as the local transport) and
+    answers the producer's requests. Returns ``{"messages", "num_updates"}``.
+    Raises :class:`PipelineError` if the producer aborted, the connection
+    dropped, or an update failed here (after telling the producer)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("serve: torch.distributed must be initialized (torchrun, or dist.init_process_group)")
+    peer, wire = _global_rank(producer_rank, group), _wire_device(group)
+    device = getattr(curvature, "device", torch.device("cpu"))
+    dtype = getattr(curvature, "dtype", None)
+    dtype_code = _DTYPES.index(dtype) if dtype in _DTYPES else 255
+    failure: BaseException | None = None
+    messages = failed_at = 0
+
+    def reply(status: int, value: int = 0, flags: int = 0, tensors=()):
+        _send(status, value, flags, list(tensors), peer, group, wire)
+
+    while True:
+        try:
+            op, a, b, tensors = _recv(peer, group, wire)
+        except Exception as err:  # noqa: BLE001 - a dropped connection, a dead producer
+            if failure is not None:
+                raise PipelineError(f"serve: the update of message {failed_at} failed: {failure}") from failure
+            raise PipelineError(f"serve: lost the producer (rank {peer}): {err}") from err
+        if op in (UPDATE, UPDATE_MANY):
+            messages += 1
+            if failure is None:  # after a failure, keep draining so the producer never blocks
+                try:
+                    apply_update(curvature, on_cross, [t.to(device) for t in tensors], [op, a, b])
+                except Exception as err:  # noqa: BLE001 - reported to the producer, then raised here
+                    failure, failed_at = err, messages
+            continue
+        if op == _ABORT:
+            if failure is not None:
+                raise PipelineError(f"serve: the update of message {failed_at} failed: {failure}") from failure
+            raise PipelineError(f"serve: the producer aborted: {_untext(tensors[0])}")
+        if failure is not None:
+            reply(_ERROR, tensors=[_text(f"the update failed: {type(failure).__name__}: {failure}")])
+            continue
+        try:
+            with torch.no_grad():
+                if op == _HELLO:
+                    reply(_OK, int(getattr(curvature, "dim", 0) or 0), int(on_cross is not None) | (dtype_code << 8))
+                elif op == _SOLVE:
+                    reply(_OK, tensors=[curvature.solve(tensors[0].to(device))])
+                elif op == _RESET:
+                    curvature.reset()
+                    reply(_OK)
+                elif op == _NUM_UPDATES:
+                    reply(_OK, int(curvature.num_updates))
+                elif op == _INVERSE:
+                    reply(_OK, tensors=[curvature.inverse])
+                elif op == _CLOSE:
+                    reply(_OK, messages)
+                    return {"messages": messages, "num_updates": int(getattr(curvature, "num_updates", messages))}
+                else:
+                    raise ValueError(f"unknown request {op}")
+        except Exception as err:  # noqa: BLE001 - the request fails, the producer is told
+            failure = err
+            reply(_ERROR, tensors=[_text(f"{type(err).__name__}: {err}")])

@@ -1,0 +1,122 @@
+"""transport="distributed": two gloo processes on localhost (started with
+torch.multiprocessing), the consumer process owning the curvature. The
+workers assert; a failing worker fails the test through mp.spawn. A 60 s
+process-group timeout turns a hang into a failure."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nhgd_ext.curvature import DenseEFIM
+from nhgd_ext.pipeline import Pipeline, PipelineError, serve
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+D, N = 10, 20000
+
+
+def _gradients():
+    return torch.randn(N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+def _exact(rank: int) -> None:
+    if rank == 1:
+        stats = serve(DenseEFIM(D, beta=0.999, dtype=torch.float64), producer_rank=0)
+        assert stats["messages"] == N, stats
+        return
+    G = _gradients()
+    sync = DenseEFIM(D, beta=0.999, dtype=torch.float64)
+    for i in range(N):
+        sync.update(G[i], batch_size=1 + i % 3)
+    v = torch.randn(D, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    buf = torch.empty(D, dtype=torch.float64)
+    with Pipeline(None, transport="distributed", consumer_rank=1, slots=16) as pipe:
+        assert pipe.dim == D and pipe.dtype == torch.float64
+        for i in range(N):
+            buf.copy_(G[i])
+            pipe.push(buf, batch_size=1 + i % 3)
+        assert pipe.num_updates == N == sync.num_updates
+        assert torch.equal(pipe.solve(v), sync.solve(v)), "pipelined solve differs from the synchronous one"
+        assert torch.equal(pipe.inverse, sync.inverse)
+
+
+def _consumer_error(rank: int) -> None:
+    if rank == 1:
+        try:
+            serve(DenseEFIM(4, dtype=torch.float64), producer_rank=0)
+        except PipelineError as err:
+            assert "NaN" in str(err), err
+        else:
+            raise AssertionError("serve() did not raise after its update failed")
+        return
+    pipe = Pipeline(None, transport="distributed", consumer_rank=1)
+    pipe.push(torch.ones(4, dtype=torch.float64))
+    pipe.push(torch.tensor([1.0, float("nan"), 0, 0], dtype=torch.float64))
+    for _ in range(50):  # the consumer keeps draining: these never block
+        pipe.push(torch.ones(4, dtype=torch.float64))
+    try:
+        pipe.flush()
+        pipe.num_updates  # the request that carries the consumer's error back
+    except PipelineError as err:
+        assert "NaN" in str(err), err
+    else:
+        raise AssertionError("the consumer's error did not reach the producer")
+    pipe.abort("test over")
+
+
+def _producer_abort(rank: int) -> None:
+    if rank == 1:
+        try:
+            serve(DenseEFIM(4, dtype=torch.float64), producer_rank=0)
+        except PipelineError as err:
+            assert "producer raised KeyError" in str(err), err
+        else:
+            raise AssertionError("serve() returned after the producer failed")
+        return
+    try:
+        with Pipeline(None, transport="distributed", consumer_rank=1) as pipe:
+            pipe.push(torch.ones(4, dtype=torch.float64))
+            raise KeyError("inner loop broke")
+    except KeyError:
+        pass
+
+
+def _all_scenarios(rank: int, port: int) -> None:
+    # One pair of processes runs every scenario in turn: starting them is the
+    # slow part (importing torch twice).
+    for scenario in (_exact, _consumer_error, _producer_abort):
+        scenario(rank)
+
+
+def _worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    try:
+        _all_scenarios(rank, port)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes():
+    """20,000 messages bitwise equal to the synchronous run; a consumer error
+    reaches the producer; a producer error reaches the consumer."""
+    mp.spawn(_worker, args=(_free_port(),), nprocs=2, join=True)
