@@ -103,3 +103,22 @@ def test_nhgd_with_kfac_on_a_network_with_an_unsupported_layer():
 def test_bad_modules():
     with pytest.raises(ValueError, match="'modules'"):
         KFAC(nn.Sequential(nn.Tanh()))
+
+
+def test_a_forward_pass_without_backward_does_not_replace_the_step_inputs():
+    """A logged evaluation between the loss and the update (grad enabled, never
+    backpropagated) must leave the factors to the step's own batch."""
+    factors = []
+    for extra_forward in (False, True):
+        model = net(seed=4)
+        kfac = KFAC(model, beta=0.9)
+        X, y = data(seed=5)
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        if extra_forward:
+            model(100 * torch.randn(5, 5, dtype=torch.float64))
+        loss.backward()
+        kfac.update(torch.cat([p.grad.reshape(-1) for p in kfac.params]), batch_size=len(X))
+        factors.append([(layer.S.clone(), layer.G.clone()) for layer in kfac.layers])
+    for (S0, G0), (S1, G1) in zip(*factors):
+        assert torch.equal(S0, S1) and torch.equal(G0, G1)

@@ -46,13 +46,16 @@ class _Layer:
             a = inputs[0].detach().reshape(-1, module.in_features)
             if self.has_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
-            self.acts = a
-            output.register_hook(self._output_grad)
+            # The inputs are recorded with the output gradient, by the backward
+            # pass itself: a forward pass that is never backpropagated (a
+            # logged validation loss) must not replace this step's inputs.
+            output.register_hook(lambda grad: self._output_grad(grad, a))
 
-    def _output_grad(self, grad: torch.Tensor) -> None:
+    def _output_grad(self, grad: torch.Tensor, acts: torch.Tensor) -> None:
         if not self.recording:
             return
         delta = grad.detach().reshape(-1, self.module.out_features)
+        self.acts = acts
         self.grads = delta * delta.shape[0]  # per-sample output gradients of a mean loss
 
 
