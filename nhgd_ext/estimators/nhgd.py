@@ -63,12 +63,16 @@ class NHGD(HypergradientEstimator):
             the inner steps push their gradients to it and return at once,
             the consumer applies them beside the training (paper Algorithm 2).
         seed: of the target sampling (``None``: torch's global generator).
+        per_sample: feed per-sample gradient rows when ``inner_step`` gets a
+            1-D loss (rank D per step); ``False`` feeds the batch mean, scaled
+            by sqrt(D) (one rank-one update: cheaper where per-sample
+            gradients are dear, e.g. through a PINN's input derivatives).
     """
 
     def __init__(self, inner_params, outer_params, *, curvature="dense", beta: float | None = None,
                  damping: float = 1e-3, fisher: str = "empirical", likelihood: str = "categorical",
                  cross: str = "end", cross_batches: int = 1, warm_start: bool = True, modules=None,
-                 seed: int | None = None, pipeline=None, inner_lr: float = 0.1):
+                 seed: int | None = None, pipeline=None, per_sample: bool = True, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
         _one_of("fisher", fisher, ("empirical", "sampled"))
         _one_of("likelihood", likelihood, ("categorical", "gaussian"))
@@ -101,7 +105,7 @@ class NHGD(HypergradientEstimator):
         self.beta = beta
         # K-FAC reads per-sample information from its layer hooks; per-sample
         # rows through a batched backward would fire those hooks inside vmap.
-        self.wants_per_sample_rows = getattr(curvature, "takes_rows", True)
+        self.wants_per_sample_rows = bool(per_sample) and getattr(curvature, "takes_rows", True)
         self._generator = None if seed is None else torch.Generator(device=first.device).manual_seed(seed)
         self._L: torch.Tensor | None = None  # trajectory average of d2_{v theta} l, d_v x d_theta
         self._cross_steps = 0
