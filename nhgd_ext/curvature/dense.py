@@ -142,19 +142,7 @@ class DenseEFIM:
             x = x * math.sqrt(batch_size)
         a, w = self._coefficients(1)
         b = float(w[0])
-        if self._refresh_follows(a):
-            self._remember(x.reshape(1, -1), a, b)
-            self._advance(a, 1)
-            return
-        try:
-            ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b)
-        except RuntimeError:
-            # The inverse lost definiteness (float32 drift): rebuild it exactly
-            # from F, then apply this update to the rebuilt state.
-            self._refresh()
-            ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b)
-        self._remember(x.reshape(1, -1), a, b)
-        self._advance(a, 1)
+        self._fold_in(x.reshape(1, -1), a, b, lambda: ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b))
 
     def update_many(self, G: torch.Tensor, *, per_step: bool = False) -> None:
         """Feeds the rows of G (k x d) as k samples, oldest first, in one rank-k step.
@@ -169,18 +157,26 @@ class DenseEFIM:
         k = X.shape[0]
         a, w = self._coefficients(k, per_step)
         H = X * w.sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
-        if self._refresh_follows(a):
-            self._remember(H, a, 1.0)
-            self._advance(a, k)
-            return
-        self._flush()
-        try:
+
+        def woodbury():
+            self._flush()
             ops.woodbury_(self._A, H, a)
-        except RuntimeError:
-            self._refresh()
-            ops.woodbury_(self._A, H, a)
-        self._remember(H, a, 1.0)
-        self._advance(a, k)
+
+        self._fold_in(H, a, 1.0, woodbury)
+
+    def _fold_in(self, rows: torch.Tensor, a: float, weight: float, update) -> None:
+        """Applies the in-place ``update`` of the inverse, then records the rows
+        for F. The update is skipped when the refresh it triggers rebuilds the
+        inverse from F anyway; when it finds the inverse has lost definiteness
+        (float32 drift) it is retried once on the exactly rebuilt state."""
+        if not self._refresh_follows(a):
+            try:
+                update()
+            except RuntimeError:
+                self._refresh()
+                update()
+        self._remember(rows, a, weight)
+        self._advance(a, rows.shape[0])
 
     FOLD_ROWS = 64
 

@@ -112,12 +112,14 @@ class HypergradientEstimator:
             return {"rows": self._per_sample_rows(loss)}
         return {}
 
-    def _per_sample_rows(self, losses: torch.Tensor) -> torch.Tensor:
-        """Per-sample gradients (n x d) of a 1-D loss: one batched backward pass."""
-        n = losses.numel()
-        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
-        found = torch.autograd.grad(losses, self.inner_params, grad_outputs=eye, is_grads_batched=True,
-                                    allow_unused=True)
+    def _per_sample_rows(self, vector: torch.Tensor, *, retain_graph: bool | None = None) -> torch.Tensor:
+        """d vector_i / d theta for every entry, flattened (n x d): per-sample
+        gradients of a 1-D loss, or the rows of a Jacobian. One batched
+        backward pass; zeros for parameters the vector does not reach."""
+        n = vector.numel()
+        eye = torch.eye(n, dtype=vector.dtype, device=vector.device)
+        found = torch.autograd.grad(vector, self.inner_params, grad_outputs=eye, is_grads_batched=True,
+                                    allow_unused=True, retain_graph=retain_graph)
         return torch.cat([torch.zeros(n, p.numel(), dtype=p.dtype, device=p.device) if g is None
                           else g.reshape(n, -1) for p, g in zip(self.inner_params, found)], dim=1).detach()
 

@@ -151,16 +151,11 @@ class NHGD(HypergradientEstimator):
     def _mixed_derivative(self, mean: torch.Tensor) -> torch.Tensor:
         """d2_{v theta} l of this step's loss (d_v x d_theta): the gradient in v
         with its graph, then one batched backward pass to theta."""
-        g_v = torch.autograd.grad(mean, self.outer_params, create_graph=True, retain_graph=True, allow_unused=True)
-        g_v = flat([torch.zeros_like(v) if g is None else g for v, g in zip(self.outer_params, g_v)])
-        d_theta = sum(p.numel() for p in self.inner_params)
+        g_v = flat(grads_or_zeros(mean, self.outer_params, create_graph=True, retain_graph=True))
         if not g_v.requires_grad:  # v does not reach theta's gradient
+            d_theta = sum(p.numel() for p in self.inner_params)
             return torch.zeros(g_v.numel(), d_theta, dtype=g_v.dtype, device=g_v.device)
-        eye = torch.eye(g_v.numel(), dtype=g_v.dtype, device=g_v.device)
-        found = torch.autograd.grad(g_v, self.inner_params, grad_outputs=eye, is_grads_batched=True,
-                                    retain_graph=True, allow_unused=True)
-        return torch.cat([torch.zeros(eye.shape[0], p.numel(), dtype=eye.dtype, device=eye.device) if g is None
-                          else g.reshape(eye.shape[0], -1) for p, g in zip(self.inner_params, found)], dim=1).detach()
+        return self._per_sample_rows(g_v, retain_graph=True)
 
     def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, rows: torch.Tensor | None = None,
                 cross: torch.Tensor | None = None, fisher_grad: torch.Tensor | None = None,
