@@ -25,6 +25,7 @@ from .problems import BilevelProblem
 METHODS: dict[str, tuple[type | None, dict[str, Any]]] = {
     "nhgd": (E.NHGD, {}),
     "nhgd-kfac": (E.NHGD, {"curvature": "kfac"}),
+    "nhgd-sampled": (E.NHGD, {"fisher": "sampled"}),
     "cg10": (E.ConjugateGradient, {"iters": 10}),
     "cg40": (E.ConjugateGradient, {"iters": 40}),
     "neumann10": (E.Neumann, {"iters": 10}),
@@ -121,9 +122,12 @@ def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None,
     inner_opt = torch.optim.SGD(problem.inner_params, lr=inner_lr)
     outer_opt = torch.optim.SGD(problem.outer_params, lr=outer_lr)
     per_sample = est is not None and est.wants_per_sample_rows
+    if getattr(est, "fisher", None) == "sampled" and _has_no_outputs(problem):
+        raise ValueError(f"method {method!r} draws targets from the model's outputs, and problem "
+                         f"{problem.name!r} does not give them (BilevelProblem.inner_loss_and_outputs)")
 
     def inner_loss():
-        return problem.inner_loss(problem.sample_batch(), reduction="none" if per_sample else "mean")
+        return problem.inner_loss_and_outputs(problem.sample_batch(), reduction="none" if per_sample else "mean")
 
     def closure():
         return problem.inner_loss(problem.sample_batch())
@@ -139,7 +143,8 @@ def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None,
                 problem.inner_loss(problem.sample_batch()).backward(inputs=problem.inner_params)
                 inner_opt.step()
             else:
-                est.inner_step(inner_loss(), inner_opt, batch_size=_batch_size(problem))
+                loss, outputs = inner_loss()
+                est.inner_step(loss, inner_opt, batch_size=_batch_size(problem), outputs=outputs)
         if est is not None:
             outer_opt.zero_grad(set_to_none=True)
             est.backward(problem.outer_loss(), closure)
@@ -153,6 +158,10 @@ def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None,
             progress(step, history.rows[-1])
     history.peak_memory_bytes, history.memory_kind = memory.peak(), memory.kind
     return history
+
+
+def _has_no_outputs(problem: BilevelProblem) -> bool:
+    return type(problem).inner_loss_and_outputs is BilevelProblem.inner_loss_and_outputs
 
 
 def _batch_size(problem: BilevelProblem) -> int:

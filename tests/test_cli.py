@@ -60,6 +60,19 @@ def test_problem_options_reach_the_estimator_and_kfac_finds_the_model():
         make_estimator(SyntheticQuadratic(seed=0), "nhgd-kfac")
 
 
+def test_sampled_fisher_gets_the_problems_outputs():
+    from nhgd_ext.problems import DataDistillation
+
+    problem = DataDistillation(seed=0, n_train=200)
+    loss, logits = problem.inner_loss_and_outputs(reduction="none")
+    assert logits.shape == (loss.numel(), 10)
+    assert torch.equal(loss, problem.inner_loss(reduction="none"))
+    history = run(problem, "nhgd-sampled", outer_steps=2, inner_steps=3)
+    assert all(torch.isfinite(torch.tensor(value)) for value in history.final.values())
+    with pytest.raises(ValueError, match="does not give them"):
+        run(HyperDataCleaning(seed=0, n_train=100, n_val=20), "nhgd-sampled", outer_steps=1, inner_steps=1)
+
+
 def test_cli_run_writes_its_files_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "q"
     code = main(["run", "quadratic", "--methods", "nhgd,cg10,none", "--outer-steps", "3", "--inner-steps", "2",
@@ -97,6 +110,7 @@ def test_cli_cleaning_shows_the_val_only_reference(tmp_path, capsys):
     (["run", "cleaning", "--data-dir", "/nonexistent/mnist"], "train-images-idx3-ubyte"),
     (["run", "quadratic", "--data-dir", "/tmp"], "--data-dir"),
     (["run", "quadratic", "--outer-steps", "many"], "--outer-steps"),
+    (["run", "quadratic", "--methods", "nhgd-sampled"], "does not give them"),
     (["fly"], "invalid choice"),
     ([], "required"),
 ])

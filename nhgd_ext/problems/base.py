@@ -60,6 +60,15 @@ class BilevelProblem:
         per-sample losses (their mean is the ``"mean"`` loss, regularizer included)."""
         raise NotImplementedError
 
+    def inner_loss_and_outputs(self, batch: Any = None, *,
+                               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``inner_loss`` together with the model outputs it was computed from
+        (logits, or a PINN's residual rows), one row per sample and on the same
+        graph: what ``NHGD(fisher="sampled")`` draws its targets from. Only
+        problems whose inner loss is a plain likelihood of those outputs
+        override this; the default has no outputs."""
+        return self.inner_loss(batch, reduction=reduction), None
+
     def outer_loss(self) -> torch.Tensor:
         """f(v, theta) at the current parameters, with its graph."""
         raise NotImplementedError

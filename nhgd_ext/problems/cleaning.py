@@ -162,6 +162,8 @@ class HyperDataCleaning(BilevelProblem):
         order = torch.randperm(self.n_train, generator=self.generator)[: self.batch_size]
         return order.to(self.device)
 
+    # No inner_loss_and_outputs: the weights scale each sample's likelihood, so
+    # a Fisher sampled from the logits alone is not this loss's curvature.
     def inner_loss(self, batch: torch.Tensor | None = None, *, reduction: str = "mean") -> torch.Tensor:
         x, y, w = self.train_x, self.train_y, self.weights()
         if batch is not None:

@@ -55,6 +55,7 @@ def _settings(source: str, inner_lr: float) -> Settings:
     options = {
         "nhgd": {"beta": None, "cross_batches": 1, "damping": 0.05},
         "nhgd-kfac": {"cross_batches": 1, "damping": 0.05},
+        "nhgd-sampled": {"beta": None, "cross_batches": 1, "damping": 0.05},
         "cg10": {"iters": 10}, "cg40": {"iters": 40},
         "neumann10": {"iters": 10, "scale": scale}, "neumann40": {"iters": 40, "scale": scale},
         "stocbio": {"iters": 10, "scale": scale},
@@ -153,12 +154,17 @@ class DataDistillation(BilevelProblem):
         n = self.num_classes * self.n_per_class
         return torch.randperm(n, generator=self.generator)[: self.batch_size].to(self.device)
 
-    def inner_loss(self, batch: torch.Tensor | None = None, *, reduction: str = "mean") -> torch.Tensor:
+    def inner_loss_and_outputs(self, batch: torch.Tensor | None = None, *,
+                               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.distilled.reshape(-1, self.distilled.shape[-1]), self.distilled_y
         if batch is not None:
             x, y = x[batch], y[batch]
+        logits = self.model(x)
         regularizer = self.weight_decay * self.model.weight.square().sum()
-        return _reduce(F.cross_entropy(self.model(x), y, reduction="none") + regularizer, reduction)
+        return _reduce(F.cross_entropy(logits, y, reduction="none") + regularizer, reduction), logits
+
+    def inner_loss(self, batch: torch.Tensor | None = None, *, reduction: str = "mean") -> torch.Tensor:
+        return self.inner_loss_and_outputs(batch, reduction=reduction)[0]
 
     def outer_loss(self) -> torch.Tensor:
         """CE on the real training data: all of it, or a fresh batch of

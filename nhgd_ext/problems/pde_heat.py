@@ -27,9 +27,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from .base import BilevelProblem, Settings
-from .pinn import (CollocationBatch, CollocationSet, check_count, check_layers, curvature_step_options, derivative,
-                   pretrain, reduce_rows, seeds_from, sobol, tanh_mlp)
+from .base import Settings
+from .pinn import (CollocationBatch, CollocationSet, ResidualProblem, check_count, check_layers,
+                   curvature_step_options, derivative, pretrain, seeds_from, sobol, tanh_mlp)
 
 _T_END = 2.0  # the time interval is [0, 2]
 
@@ -53,7 +53,7 @@ def heat_target(points: torch.Tensor) -> torch.Tensor:
     return 16 * x * (1 - x) * y * (1 - y) * torch.sin(math.pi * t)
 
 
-class HeatPDEControl(BilevelProblem):
+class HeatPDEControl(ResidualProblem):
     """Args:
         nu: diffusivity (E.3: 0.001).
         state_layers, control_layers: MLP widths (E.3: [3,64,64,64,64,1] and [1,32,32,1]).
@@ -121,7 +121,8 @@ class HeatPDEControl(BilevelProblem):
         # the damping, not the Fisher, sets its step; 30 brings its
         # hypergradient to the size of CG's here (beta from E's grid).
         self.settings = Settings(outer_steps=200, inner_steps=50, inner_lr=0.01, outer_lr=0.05,
-                                 method_options=curvature_step_options(0.01, {"beta": 0.9, "damping": 30.0}))
+                                 method_options=curvature_step_options(0.01, {"beta": 0.9, "damping": 30.0},
+                                                                       {"damping": 1e-3}))
 
         pretrain(self.inner_loss, self.inner_params, steps=pretrain_steps, lr=pretrain_lr)
         self._pretrained = [p.detach().clone() for p in self.inner_params]
@@ -164,9 +165,6 @@ class HeatPDEControl(BilevelProblem):
         the boundary and the initial values, scaled by their groups' shares."""
         interior, boundary, initial = self.collocation.select(batch)
         return self.collocation.rows([self.residual(interior), self.state_at(boundary), self.state_at(initial)])
-
-    def inner_loss(self, batch: CollocationBatch | None = None, *, reduction: str = "mean") -> torch.Tensor:
-        return reduce_rows(self.inner_residuals(batch), reduction)
 
     def outer_loss(self) -> torch.Tensor:
         return (self.state_at(self.test_points) - self.test_target).square().mean()

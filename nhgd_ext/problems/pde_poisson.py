@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from .base import BilevelProblem, Settings
-from .pinn import (CollocationBatch, CollocationSet, check_count, check_layers, curvature_step_options, derivative,
-                   pretrain, reduce_rows, tanh_mlp)
+from .base import Settings
+from .pinn import (CollocationBatch, CollocationSet, ResidualProblem, check_count, check_layers,
+                   curvature_step_options, derivative, pretrain, tanh_mlp)
 
 
 def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ def poisson_target(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(math.pi * x) + x
 
 
-class PoissonControl1D(BilevelProblem):
+class PoissonControl1D(ResidualProblem):
     """Args:
         layers: widths of the PINN y_theta, (1, hidden..., 1), tanh.
         n_collocation: interior points x_i = (i + 1/2) / n of the residual term.
@@ -100,7 +100,8 @@ class PoissonControl1D(BilevelProblem):
         # hypergradient near the exact one (the empirical Fisher of a PINN
         # vanishes with the residuals, see pinn.py).
         self.settings = Settings(outer_steps=50, inner_steps=20, inner_lr=0.01, outer_lr=0.5,
-                                 method_options=curvature_step_options(0.01, {"beta": 0.9, "damping": 100.0}))
+                                 method_options=curvature_step_options(0.01, {"beta": 0.9, "damping": 100.0},
+                                                                       {"damping": 1e-3}))
 
         pretrain(self.inner_loss, self.inner_params, steps=pretrain_steps, lr=pretrain_lr)
         self._pretrained = [p.detach().clone() for p in self.inner_params]
@@ -127,9 +128,6 @@ class PoissonControl1D(BilevelProblem):
         # boundary points are x = 0 or x = 1: x picks the control value to match
         boundary_value = self.v[0] + (self.v[1] - self.v[0]) * boundary.reshape(-1)
         return self.collocation.rows([self.residual(interior), self.state_at(boundary) - boundary_value])
-
-    def inner_loss(self, batch: CollocationBatch | None = None, *, reduction: str = "mean") -> torch.Tensor:
-        return reduce_rows(self.inner_residuals(batch), reduction)
 
     def outer_loss(self) -> torch.Tensor:
         misfit = (self.state_at(self.quadrature_nodes) - self.quadrature_target).square()

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import BilevelProblem
+
 #: indices into each point group, in the order of ``CollocationSet.groups``
 CollocationBatch = tuple[torch.Tensor, ...]
 
@@ -131,6 +133,22 @@ class CollocationSet:
         return torch.cat([r.reshape(-1) * math.sqrt(2 * w * total / r.numel()) for w, r in zip(self.weights, residuals)])
 
 
+class ResidualProblem(BilevelProblem):
+    """A PINN problem: subclasses give ``inner_residuals(batch)``, the rows rho;
+    the inner loss is the mean of rho^2 / 2 and its outputs are the rows."""
+
+    def inner_residuals(self, batch: CollocationBatch | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inner_loss_and_outputs(self, batch: CollocationBatch | None = None, *,
+                               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.inner_residuals(batch)
+        return reduce_rows(rows, reduction), rows
+
+    def inner_loss(self, batch: CollocationBatch | None = None, *, reduction: str = "mean") -> torch.Tensor:
+        return reduce_rows(self.inner_residuals(batch), reduction)
+
+
 def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     """The PINN loss from its rows: the mean of rho^2 / 2, or the rho^2 / 2 themselves."""
     if reduction == "mean":
@@ -156,10 +174,11 @@ def _allocate(total: int, sizes: Sequence[int]) -> list[int]:
     return counts
 
 
-def curvature_step_options(step: float, nhgd: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def curvature_step_options(step: float, nhgd: dict[str, Any], sampled: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-method options of a PINN problem: every Neumann-type scale and
     every step on the linear system set to ``step`` (it must stay below
-    2 / lambda_max of the inner Hessian), and NHGD's own. TTSA gets a tenth:
+    2 / lambda_max of the inner Hessian), NHGD's own (``sampled`` on top for
+    ``nhgd-sampled``). TTSA gets a tenth:
     its single random term of the series, scaled by the number of terms,
     overshoots the stiff directions tenfold when it is the first one, and at
     the full step that threw v off on the Poisson problem."""
@@ -168,7 +187,10 @@ def curvature_step_options(step: float, nhgd: dict[str, Any]) -> dict[str, dict[
             # batch means, not per-point rows: a per-point gradient through the
             # input derivatives costs a backward pass each (88 s per outer
             # step on the small heat problem, against 0.4 s for CG10)
-            "nhgd": {"per_sample": False, **nhgd}}
+            "nhgd": {"per_sample": False, **nhgd},
+            # the residual rows as unit-variance Gaussian means: the Fisher's
+            # expectation is the Gauss-Newton matrix, whatever the residuals' size
+            "nhgd-sampled": {"per_sample": False, "likelihood": "gaussian", **nhgd, **sampled}}
 
 
 def pretrain(loss: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], *, steps: int, lr: float) -> None:
