@@ -1,6 +1,6 @@
 """Overlap of the curvature updates with the inner SGD (paper Algorithm 2).
 
-    python bench/bench_pipeline.py [--dim 1024] [--steps 400] [--repeats 3] [--device cpu|cuda]
+    python bench/bench_pipeline.py [--dim 1024] [--steps 1000] [--repeats 5] [--device cpu|cuda]
 
 An inner step (logistic regression, d parameters, its batch sized so that one
 step costs about one DenseEFIM update) is timed three ways over the same
@@ -28,6 +28,9 @@ from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline
 
 
+WARM_UP = 1100  # samples fed before timing: no refresh in the next 3 * WARM_UP updates
+
+
 def make_problem(d: int, batch: int, device):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(batch, d, generator=g).to(device)
@@ -52,10 +55,10 @@ def sync(device):
 def run(mode, d, batch, steps, device, slots):
     X, y, theta = make_problem(d, batch, device)
     # The paper's running average (DenseEFIM's default). Warmed up past the
-    # early exact refreshes (at 4, 16, 64, 256 samples; the next is at 1024),
-    # so the timed steps see the steady per-update cost in every mode.
+    # early exact refreshes (at 4, 16, 64, 256, 1024 samples; the next is at
+    # 4 x WARM_UP), so the timed steps see the steady per-update cost in every mode.
     cur = DenseEFIM(d, device=device)
-    cur.update_many(torch.randn(300, d, device=device, generator=torch.Generator(device).manual_seed(0)))
+    cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
     push_time = 0.0
     pipe = Pipeline(cur, producer=device, consumer=device, slots=slots, consumer_threads=1) if mode == "pipelined" else None
     sync(device)
@@ -101,12 +104,13 @@ def push_cost(d, device, n=2000):
     """Producer's time per push when no slot is full (a no-op consumer, many slots)."""
     grad = torch.randn(d, device=device)
     with Pipeline(_NoOpCurvature(d), producer=device, consumer=device, slots=n + 1, consumer_threads=1) as pipe:
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pipe.push(grad, batch_size=8)
-        elapsed = time.perf_counter() - t0
-        pipe.flush()
+        for _ in range(2):  # the first pass allocates every slot's buffer
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                pipe.push(grad, batch_size=8)
+            elapsed = time.perf_counter() - t0
+            pipe.flush()
     return elapsed / n
 
 
@@ -141,7 +145,7 @@ def sleeping_producer(d, device, update_cost, steps=200):
 
     def loop(target):
         cur = DenseEFIM(d, device=device)
-        cur.update_many(torch.randn(300, d, device=device))
+        cur.update_many(torch.randn(WARM_UP, d, device=device))
         pipe = Pipeline(cur, producer=device, consumer=device, consumer_threads=1) if target == "pipelined" else None
         t0 = time.perf_counter()
         for i in range(steps):
@@ -163,8 +167,9 @@ def sleeping_producer(d, device, update_cost, steps=200):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=400, help="at most 700: no refresh falls inside the timing")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1000,
+                        help=f"at most {3 * WARM_UP}: no refresh falls inside the timing")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -177,12 +182,14 @@ def main():
     # (the step's data and the curvature's matrix evict each other from the
     # caches, so isolated timings of either are too optimistic).
     batch = 256
-    for _ in range(2):
-        sgd_alone = run("sgd", d, batch, 100, device, args.slots)[0]
-        with_updates = run("synchronous", d, batch, 100, device, args.slots)[0]
-        update, step = (with_updates - sgd_alone) / 100, sgd_alone / 100
+    if args.steps > 3 * WARM_UP:
+        parser.error(f"--steps must be at most {3 * WARM_UP}")
+    for _ in range(3):
+        sgd_alone = statistics.median(run("sgd", d, batch, 200, device, args.slots)[0] for _ in range(3))
+        with_updates = statistics.median(run("synchronous", d, batch, 200, device, args.slots)[0] for _ in range(3))
+        update, step = (with_updates - sgd_alone) / 200, sgd_alone / 200
         batch = max(1, round(batch * update / step))
-    step = run("sgd", d, batch, 100, device, args.slots)[0] / 100
+    step = statistics.median(run("sgd", d, batch, 200, device, args.slots)[0] for _ in range(3)) / 200
     print(f"d = {d}, device = {device}: one DenseEFIM update in the loop {update * 1e3:.3f} ms, "
           f"one SGD step (batch {batch}) {step * 1e3:.3f} ms")
     walls = {"sgd": [], "synchronous": [], "pipelined": []}

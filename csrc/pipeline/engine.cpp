@@ -46,14 +46,31 @@ Engine::~Engine() {
   }
 }
 
-void Engine::push(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta) {
+void Engine::check_message(const std::vector<at::Tensor>& tensors) const {
   TORCH_CHECK_VALUE(!tensors.empty(), "Pipeline.push: a message needs at least one tensor");
   for (const auto& t : tensors) {
     TORCH_CHECK_VALUE(t.defined(), "Pipeline.push: undefined tensor in the message");
     TORCH_CHECK_VALUE(t.device() == producer_, "Pipeline.push: the message's tensors must be on the producer device ",
                       producer_, ", got one on ", t.device());
   }
-  const std::size_t index = ring_.begin_push();
+}
+
+void Engine::push(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta) {
+  check_message(tensors);
+  fill_and_publish(ring_.begin_push(), tensors, meta);
+}
+
+bool Engine::try_push(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta) {
+  if (!route_->fill_never_waits()) return false;
+  check_message(tensors);
+  const auto index = ring_.try_begin_push();
+  if (!index) return false;
+  fill_and_publish(*index, tensors, meta);
+  return true;
+}
+
+void Engine::fill_and_publish(std::size_t index, const std::vector<at::Tensor>& tensors,
+                              const std::vector<int64_t>& meta) {
   Slot& slot = slots_[index];
   try {
     route_->fill(slot, tensors);

@@ -37,6 +37,9 @@ class Engine {
   // Copies the message into the next free slot (waits only while every slot
   // is full). The caller may reuse its tensors as soon as this returns.
   void push(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta);
+  // push if it cannot wait: a slot is free now and the route's copy never
+  // waits for the consumer. False (nothing done) otherwise.
+  bool try_push(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta);
   // Waits until every message pushed so far has been applied; then orders the
   // producer's next work after the consumer's.
   void flush();
@@ -58,6 +61,8 @@ class Engine {
  private:
   void consume();
   void join();
+  void check_message(const std::vector<at::Tensor>& tensors) const;
+  void fill_and_publish(std::size_t index, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta);
 
   ApplyFn apply_;
   at::Device producer_, consumer_;

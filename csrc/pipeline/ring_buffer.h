@@ -55,6 +55,15 @@ class RingBuffer {
     return static_cast<std::size_t>(published_ % slots_);
   }
 
+  // begin_push without the wait: the next slot's index if it is free now.
+  std::optional<std::size_t> try_begin_push() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throw_if_stopped_locked();
+    if (filling_ || published_ - released_ >= slots_) return std::nullopt;
+    filling_ = true;
+    return static_cast<std::size_t>(published_ % slots_);
+  }
+
   // published = true makes the slot's message visible to the consumer; false
   // abandons it (the copy in failed): the slot stays free, nothing was pushed.
   void end_push(bool published) {

@@ -58,6 +58,9 @@ class Route {
   // returns the caller may overwrite or free its tensors (on a GPU: any work
   // its current stream does from now on is ordered after the copy).
   virtual void fill(Slot& slot, const std::vector<at::Tensor>& tensors) = 0;
+  // Whether fill returns without waiting for the consumer (a plain copy): the
+  // producer may then push without giving up the GIL.
+  virtual bool fill_never_waits() const { return false; }
   // Consumer thread: fresh tensors on the consumer's device with the slot's
   // data, ready for work on the consumer's stream. When it returns the slot may
   // be refilled (the route orders the refill after the copy out).

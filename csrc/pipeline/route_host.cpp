@@ -41,6 +41,8 @@ class HostRoute final : public Route {
     slot.layout = std::move(layout);
   }
 
+  bool fill_never_waits() const override { return true; }
+
   std::vector<at::Tensor> take(Slot& slot) override {
     // Copies, not views: the update may keep its input (DenseEFIM keeps rows
     // for its next fold) while the slot is refilled.

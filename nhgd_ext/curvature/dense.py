@@ -105,6 +105,14 @@ class DenseEFIM:
 
     # ---------------------------------------------------------------- updates
 
+    def _coefficient_pair(self) -> tuple[float, float]:
+        """(a, b) that fold one new sample in: ``_coefficients(1)`` as floats,
+        the same values, without building a tensor on the hot path."""
+        n = self.num_samples
+        if self.beta is None:
+            return (1.0, 1.0) if n == 0 else (n / (n + 1), 1.0 / (n + 1))
+        return self.beta, 1 - self.beta
+
     def _coefficients(self, k: int, per_step: bool = False) -> tuple[float, torch.Tensor]:
         """(a, row weights) that fold k new samples into the damped matrix."""
         n = self.num_samples
@@ -126,7 +134,9 @@ class DenseEFIM:
             raise ValueError(f"DenseEFIM: argument '{name}' must have shape {want}, got {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
-        x = x.detach().to(device=self.device, dtype=self.dtype)
+        x = x.detach()
+        if x.dtype != self.dtype or x.device != self.device:
+            x = x.to(device=self.device, dtype=self.dtype)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
         return x
@@ -140,8 +150,7 @@ class DenseEFIM:
         x = self._rows("g", g, 1)
         if batch_size != 1:
             x = x * math.sqrt(batch_size)
-        a, w = self._coefficients(1)
-        b = float(w[0])
+        a, b = self._coefficient_pair()
         self._fold_in(x.reshape(1, -1), a, b, lambda: ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b))
 
     def update_many(self, G: torch.Tensor, *, per_step: bool = False) -> None:
@@ -183,7 +192,9 @@ class DenseEFIM:
     def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
         """F <- a F + weight * rows^T rows, deferred to the next fold."""
         self._scale *= a
-        self._pending_rows.append(rows.to(torch.float64))
+        # a copy even when the rows are float64 already: F must not see the
+        # caller's later writes to the tensor it passed
+        self._pending_rows.append(rows.to(torch.float64, copy=True))
         self._pending_weights.extend([weight / self._scale] * rows.shape[0])
         if len(self._pending_weights) >= self.FOLD_ROWS:
             self._fold()

@@ -91,6 +91,52 @@ void ring_abandoned_push_is_not_delivered() {
   EXPECT(closed);
 }
 
+void ring_try_push_never_waits() {
+  RingBuffer ring(2);
+  for (int i = 0; i < 2; ++i) {
+    const auto slot = ring.try_begin_push();
+    EXPECT(slot.has_value() && *slot == static_cast<std::size_t>(i));
+    ring.end_push(true);
+  }
+  EXPECT(!ring.try_begin_push().has_value());  // full: refused at once, nothing changed
+  EXPECT(ring.published() == 2);
+  EXPECT(ring.begin_pop().has_value());
+  ring.release();
+  const auto freed = ring.try_begin_push();
+  EXPECT(freed.has_value() && *freed == 0);
+  EXPECT(!ring.try_begin_push().has_value());  // another push is filling
+  ring.end_push(true);
+  ring.fail("stopped");
+  bool threw = false;
+  try {
+    ring.try_begin_push();
+  } catch (const RingFailed&) {
+    threw = true;
+  }
+  EXPECT(threw);
+}
+
+void engine_try_push_and_push_keep_one_order() {
+  std::vector<double> got;
+  Engine engine([&](std::vector<at::Tensor>& t, const std::vector<int64_t>&) { got.push_back(t[0][0].item<double>()); },
+                2, at::Device("cpu"), at::Device("cpu"));
+  auto buf = at::zeros({3}, at::kDouble);
+  int immediate = 0;
+  for (int i = 0; i < 20000; ++i) {
+    buf.fill_(i);
+    if (engine.try_push({buf}, {0})) {
+      ++immediate;
+    } else {
+      engine.push({buf}, {0});
+    }
+  }
+  engine.flush();
+  engine.close(true);
+  EXPECT(immediate > 0);
+  EXPECT(got.size() == 20000);
+  for (int i = 0; i < static_cast<int>(got.size()); ++i) EXPECT(got[i] == i);
+}
+
 void engine_delivers_copies_in_order() {
   std::vector<double> got;
   Engine engine([&](std::vector<at::Tensor>& t, const std::vector<int64_t>& meta) {
@@ -132,6 +178,8 @@ int main() {
   ring_in_order_with_one_slot();
   ring_failure_wakes_a_blocked_producer();
   ring_abandoned_push_is_not_delivered();
+  ring_try_push_never_waits();
+  engine_try_push_and_push_keep_one_order();
   engine_delivers_copies_in_order();
   engine_consumer_error_reaches_the_producer();
   if (g_failures) {
