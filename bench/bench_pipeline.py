@@ -3,11 +3,13 @@
     python bench/bench_pipeline.py [--dim 1024] [--steps 1000] [--repeats 5] [--device cpu|cuda]
 
 An inner step (logistic regression, d parameters, its batch sized so that one
-step costs about one DenseEFIM update) is timed three ways over the same
-steps: SGD alone, SGD with the curvature updated synchronously after every
-step, and SGD pushing every gradient into a Pipeline whose consumer updates
-the curvature beside it (the final flush included). Reported: wall time of
-each / SGD alone (medians over repeats), and the producer's time per push.
+step costs about one DenseEFIM update) is timed over the same steps: SGD
+alone, SGD with the curvature updated synchronously after every step, and
+SGD pushing every gradient into a Pipeline whose consumer updates the
+curvature beside it (the final flush included); then the last two again
+with a curvature that is the rank-one kernel alone ("op only": no Python
+bookkeeping on the consumer). Reported: wall time of each / SGD alone
+(medians over interleaved repeats), and the producer's time per push.
 
 CPU: the producer and the consumer get one intra-op thread each
 (torch.set_num_threads(1), consumer_threads=1): two cores, one per side. The
@@ -24,6 +26,7 @@ import time
 
 import torch
 
+from nhgd_ext import ops
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline
 
@@ -57,17 +60,21 @@ def run(mode, d, batch, steps, device, slots):
     # The paper's running average (DenseEFIM's default). Warmed up past the
     # early exact refreshes (at 4, 16, 64, 256, 1024 samples; the next is at
     # 4 x WARM_UP), so the timed steps see the steady per-update cost in every mode.
-    cur = DenseEFIM(d, device=device)
-    cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
+    if mode.endswith("op only"):
+        cur = _OpOnlyCurvature(d, device)
+    else:
+        cur = DenseEFIM(d, device=device)
+        cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
+    pipelined = mode.startswith("pipelined")
     push_time = 0.0
-    pipe = Pipeline(cur, producer=device, consumer=device, slots=slots, consumer_threads=1) if mode == "pipelined" else None
+    pipe = Pipeline(cur, producer=device, consumer=device, slots=slots, consumer_threads=1) if pipelined else None
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         grad = sgd_step(X, y, theta)
-        if mode == "synchronous":
+        if mode.startswith("synchronous"):
             cur.update(grad, batch_size=batch)
-        elif mode == "pipelined":
+        elif pipelined:
             tp = time.perf_counter()
             pipe.push(grad, batch_size=batch)
             push_time += time.perf_counter() - tp
@@ -82,6 +89,27 @@ def run(mode, d, batch, steps, device, slots):
     else:
         route = ""
     return wall, push_time / steps, route
+
+
+class _OpOnlyCurvature:
+    """The rank-one kernel alone (``sherman_morrison_deferred_`` with fixed
+    coefficients), without DenseEFIM's bookkeeping in Python (checks, the
+    float64 copy of F, counters): separates what the pipeline overlaps from
+    what the consumer's Python costs the producer through the GIL."""
+
+    def __init__(self, d, device):
+        self.dim = d
+        self.A = torch.eye(d, device=device)
+        self.pending = ops.new_pending(d, device=device)
+
+    def update(self, g, batch_size=1):
+        ops.sherman_morrison_deferred_(self.A, self.pending, g, 0.999, 0.001)
+
+    def update_many(self, rows, per_step=None):
+        raise NotImplementedError
+
+    def solve(self, v):
+        return v
 
 
 class _NoOpCurvature:
@@ -192,7 +220,7 @@ def main():
     step = statistics.median(run("sgd", d, batch, 200, device, args.slots)[0] for _ in range(3)) / 200
     print(f"d = {d}, device = {device}: one DenseEFIM update in the loop {update * 1e3:.3f} ms, "
           f"one SGD step (batch {batch}) {step * 1e3:.3f} ms")
-    walls = {"sgd": [], "synchronous": [], "pipelined": []}
+    walls = {"sgd": [], "synchronous": [], "pipelined": [], "synchronous, op only": [], "pipelined, op only": []}
     pushes, route = [], ""
     for _ in range(args.repeats):
         for mode in walls:
@@ -202,9 +230,9 @@ def main():
                 pushes.append(push)
                 route = r
     base = statistics.median(walls["sgd"])
-    print(f"{'mode':<14}{'wall (s)':>10}{'/ SGD alone':>13}")
+    print(f"{'mode':<22}{'wall (s)':>10}{'/ SGD alone':>13}")
     for mode, values in walls.items():
-        print(f"{mode:<14}{statistics.median(values):>10.3f}{statistics.median(values) / base:>13.2f}")
+        print(f"{mode:<22}{statistics.median(values):>10.3f}{statistics.median(values) / base:>13.2f}")
     print(f"route {route}; producer's time per push in the pipelined loop (waits on full slots "
           f"included): {statistics.median(pushes) * 1e6:.1f} us")
     print(f"producer's time per push, no slot full: {push_cost(d, device) * 1e6:.1f} us "
