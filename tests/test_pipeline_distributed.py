@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 
 import pytest
 import torch
@@ -62,26 +63,34 @@ def _exact(rank: int) -> None:
 
 def _consumer_error(rank: int) -> None:
     if rank == 1:
+        for _ in range(2):
+            try:
+                serve(DenseEFIM(4, dtype=torch.float64), producer_rank=0)
+            except PipelineError as err:
+                assert "NaN" in str(err), err
+            else:
+                raise AssertionError("serve() did not raise after its update failed")
+        return
+    for surfaces_at in ("push", "request"):
+        pipe = Pipeline(None, transport="distributed", consumer_rank=1)
+        pipe.push(torch.ones(4, dtype=torch.float64))
+        pipe.push(torch.tensor([1.0, float("nan"), 0, 0], dtype=torch.float64))
         try:
-            serve(DenseEFIM(4, dtype=torch.float64), producer_rank=0)
+            if surfaces_at == "push":
+                # the side channel: a later push raises, without any request (bounded: 30 s)
+                for _ in range(3000):
+                    pipe.push(torch.ones(4, dtype=torch.float64))
+                    time.sleep(0.01)
+            else:
+                for _ in range(50):  # the consumer keeps draining: these never block
+                    pipe.push(torch.ones(4, dtype=torch.float64))
+                pipe.flush()
+                pipe.num_updates  # the request carries the error back as well
         except PipelineError as err:
             assert "NaN" in str(err), err
         else:
-            raise AssertionError("serve() did not raise after its update failed")
-        return
-    pipe = Pipeline(None, transport="distributed", consumer_rank=1)
-    pipe.push(torch.ones(4, dtype=torch.float64))
-    pipe.push(torch.tensor([1.0, float("nan"), 0, 0], dtype=torch.float64))
-    for _ in range(50):  # the consumer keeps draining: these never block
-        pipe.push(torch.ones(4, dtype=torch.float64))
-    try:
-        pipe.flush()
-        pipe.num_updates  # the request that carries the consumer's error back
-    except PipelineError as err:
-        assert "NaN" in str(err), err
-    else:
-        raise AssertionError("the consumer's error did not reach the producer")
-    pipe.abort("test over")
+            raise AssertionError(f"the consumer's error did not reach the producer's {surfaces_at}")
+        pipe.abort("test over")
 
 
 def _producer_abort(rank: int) -> None:

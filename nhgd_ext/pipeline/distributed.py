@@ -17,13 +17,18 @@ message instead of applying it, so ``push`` keeps its semantics (copy, return,
 block only on full slots). Traffic is one-way except for requests (solve,
 flush of the count, close), which the consumer answers. An error in the
 consumer's update is reported in the answer to the producer's next request
-(``flush``/``solve``/``num_updates``/``close``): a plain send cannot be
-refused. The producer's error (``abort``, or an exception leaving its ``with``
-block) makes ``serve`` raise; a producer process that dies makes ``serve``
+(``flush``/``solve``/``num_updates``/``close``) and, over gloo, also at once
+on a side channel (its own tag, received by a waiting thread) that the
+producer's sender checks before every send, so the pushes after it arrives
+raise too (NCCL has no tags: there the error waits for the next request).
+The producer's error (``abort``, or an exception leaving its ``with`` block)
+makes ``serve`` raise; a producer process that dies makes ``serve``
 raise when the connection drops.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.distributed as dist
@@ -37,6 +42,9 @@ _OK, _ERROR = 0, 1
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64]
 _MAX_TENSORS, _MAX_DIMS = 2, 2
 _HEADER = 4 + _MAX_TENSORS * (2 + _MAX_DIMS)  # op/status, a, b, n, then (dtype, ndim, sizes...) per tensor
+# The side channel: exactly one notice per pipeline, the consumer's error as
+# soon as an update fails, else an empty one when the stream ends.
+_NOTICE_TAG, _NOTICE_BYTES = 7, 2048
 
 
 def _wire_device(group) -> torch.device:
@@ -82,6 +90,25 @@ def _untext(t: torch.Tensor) -> str:
     return bytes(t.cpu().tolist()).decode(errors="replace")
 
 
+def _notice(message: str) -> torch.Tensor:
+    """[length (2 bytes), utf-8 text...], zero-padded to _NOTICE_BYTES."""
+    data = message.encode()[: _NOTICE_BYTES - 2]
+    out = torch.zeros(_NOTICE_BYTES, dtype=torch.uint8)
+    out[:2] = torch.tensor([len(data) >> 8, len(data) & 255], dtype=torch.uint8)
+    if data:
+        out[2:2 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return out
+
+
+def _unnotice(t: torch.Tensor) -> str:
+    length = int(t[0]) << 8 | int(t[1])
+    return bytes(t[2:2 + length].tolist()).decode(errors="replace")
+
+
+def _has_tags(group) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
 def _global_rank(rank: int, group) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
@@ -106,8 +133,31 @@ class RemoteConsumer:
         self.dim, self.has_cross_handler = dim, bool(flags & 1)
         self.dtype = _DTYPES[flags >> 8] if flags >> 8 < len(_DTYPES) else None
         self.consumer_device = torch.device("cpu")  # the remote curvature's device is not ours to use
+        self._notice, self._listener = None, None
+        self._noticed = threading.Event()
+        if _has_tags(group):
+            # gloo's receive cannot be polled (is_completed stays False until a
+            # wait, and a wait that times out breaks the connection): a thread waits
+            self._notice = torch.zeros(_NOTICE_BYTES, dtype=torch.uint8)
+            work = dist.irecv(self._notice, src=self.peer, group=group, tag=_NOTICE_TAG)
+            self._listener = threading.Thread(target=self._listen, args=(work,), name="nhgd-notice", daemon=True)
+            self._listener.start()
+
+    def _listen(self, work) -> None:
+        try:
+            work.wait()
+        except Exception:  # noqa: BLE001 - the connection dropped: the main channel reports it
+            self._notice = None
+        self._noticed.set()
+
+    def _raise_if_consumer_failed(self) -> None:
+        if self._noticed.is_set() and self._notice is not None:
+            text = _unnotice(self._notice)
+            if text:
+                raise PipelineError(f"Pipeline consumer (rank {self.peer}): {text}")
 
     def send_update(self, tensors, meta) -> None:
+        self._raise_if_consumer_failed()
         _send(int(meta[0]), int(meta[1]), int(meta[2]), tensors, self.peer, self.group, self.wire)
 
     def request(self, what: str, argument):
@@ -118,6 +168,7 @@ class RemoteConsumer:
         _, value, _, result = self._exchange(op, 0, tensors)
         if what == "close":
             self.done = True
+            self._end_notices()
         if what in ("solve", "inverse"):
             return result[0]
         return value if what == "num_updates" else None
@@ -128,7 +179,15 @@ class RemoteConsumer:
             try:
                 _send(_ABORT, 0, 0, [_text(reason)], self.peer, self.group, self.wire)
             except Exception:  # noqa: BLE001 - the consumer may be gone already
-                pass
+                return
+            self._end_notices()
+
+    def _end_notices(self) -> None:
+        """Waits for the side channel's notice (sent before the consumer answers
+        a close or stops on an abort), so no receive outlives the pipeline."""
+        if self._listener is not None:
+            self._listener.join(timeout=30)
+            self._listener = None
 
     def finish(self, failed: bool) -> None:
         if not self.done:
@@ -153,6 +212,18 @@ def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> di
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("serve: torch.distributed must be initialized (torchrun, or dist.init_process_group)")
     peer, wire = _global_rank(producer_rank, group), _wire_device(group)
+    notice_pending = _has_tags(group)
+
+    def notify(message: str) -> None:
+        """The side channel's one notice (the producer posted its receive at start)."""
+        nonlocal notice_pending
+        if notice_pending:
+            notice_pending = False
+            try:
+                dist.send(_notice(message), peer, group=group, tag=_NOTICE_TAG)
+            except Exception:  # noqa: BLE001 - the producer may be gone; the main channel tells the rest
+                pass
+
     device = getattr(curvature, "device", torch.device("cpu"))
     dtype = getattr(curvature, "dtype", None)
     dtype_code = _DTYPES.index(dtype) if dtype in _DTYPES else 255
@@ -176,8 +247,10 @@ def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> di
                     apply_update(curvature, on_cross, [t.to(device) for t in tensors], [op, a, b])
                 except Exception as err:  # noqa: BLE001 - reported to the producer, then raised here
                     failure, failed_at = err, messages
+                    notify(f"the update failed: {type(err).__name__}: {err}")
             continue
         if op == _ABORT:
+            notify("")
             if failure is not None:
                 raise PipelineError(f"serve: the update of message {failed_at} failed: {failure}") from failure
             raise PipelineError(f"serve: the producer aborted: {_untext(tensors[0])}")
@@ -198,10 +271,12 @@ def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> di
                 elif op == _INVERSE:
                     reply(_OK, tensors=[curvature.inverse])
                 elif op == _CLOSE:
+                    notify("")
                     reply(_OK, messages)
                     return {"messages": messages, "num_updates": int(getattr(curvature, "num_updates", messages))}
                 else:
                     raise ValueError(f"unknown request {op}")
         except Exception as err:  # noqa: BLE001 - the request fails, the producer is told
             failure = err
+            notify(f"{type(err).__name__}: {err}")
             reply(_ERROR, tensors=[_text(f"{type(err).__name__}: {err}")])
