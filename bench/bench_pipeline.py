@@ -1,6 +1,7 @@
 """Overlap of the curvature updates with the inner SGD (paper Algorithm 2).
 
     python bench/bench_pipeline.py [--dim 1024] [--steps 1000] [--repeats 5] [--device cpu|cuda]
+                                   [--consumer-process]
 
 An inner step (logistic regression, d parameters, its batch sized so that one
 step costs about one DenseEFIM update) is timed over the same steps: SGD
@@ -8,7 +9,9 @@ alone, SGD with the curvature updated synchronously after every step, and
 SGD pushing every gradient into a Pipeline whose consumer updates the
 curvature beside it (the final flush included); then the last two again
 with a curvature that is the rank-one kernel alone ("op only": no Python
-bookkeeping on the consumer). Reported: wall time of each / SGD alone
+bookkeeping on the consumer); with ``--consumer-process`` also SGD pushing
+to a consumer in a second process (``transport="distributed"``, gloo),
+which shares no GIL with the producer. Reported: wall time of each / SGD alone
 (medians over interleaved repeats), and the producer's time per push.
 
 CPU: the producer and the consumer get one intra-op thread each
@@ -24,11 +27,15 @@ import statistics
 import threading
 import time
 
+import socket
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from nhgd_ext import ops
 from nhgd_ext.curvature import DenseEFIM
-from nhgd_ext.pipeline import Pipeline
+from nhgd_ext.pipeline import Pipeline, serve
 
 
 WARM_UP = 1100  # samples fed before timing: no refresh in the next 3 * WARM_UP updates
@@ -62,12 +69,19 @@ def run(mode, d, batch, steps, device, slots):
     # 4 x WARM_UP), so the timed steps see the steady per-update cost in every mode.
     if mode.endswith("op only"):
         cur = _OpOnlyCurvature(d, device)
+    elif mode.endswith("process"):
+        cur = None  # the consumer process owns it (warmed up the same way there)
     else:
         cur = DenseEFIM(d, device=device)
         cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
     pipelined = mode.startswith("pipelined")
     push_time = 0.0
-    pipe = Pipeline(cur, producer=device, consumer=device, slots=slots, consumer_threads=1) if pipelined else None
+    if mode.endswith("process"):
+        pipe = Pipeline(None, transport="distributed", consumer_rank=1, producer=device, slots=slots)
+    elif pipelined:
+        pipe = Pipeline(cur, producer=device, consumer=device, slots=slots, consumer_threads=1)
+    else:
+        pipe = None
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -192,6 +206,31 @@ def sleeping_producer(d, device, update_cost, steps=200):
     return loop("synchronous") / alone, loop("pipelined") / alone
 
 
+def _consumer_process(d: int, runs: int) -> None:
+    """Rank 1 of ``--consumer-process``: one warmed-up DenseEFIM served per
+    pipelined run, all warmed up before the first (so this process is idle
+    while the producer times its other modes)."""
+    curvatures = [DenseEFIM(d) for _ in range(runs)]
+    for cur in curvatures:
+        cur.update_many(torch.randn(WARM_UP, d, generator=torch.Generator().manual_seed(0)))
+    dist.barrier()
+    for cur in curvatures:
+        serve(cur, producer_rank=0)
+
+
+def _process_worker(rank: int, port: int, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            _consumer_process(args.dim, args.repeats)
+        else:
+            dist.barrier()
+            measure(args)
+    finally:
+        dist.destroy_process_group()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=1024)
@@ -200,7 +239,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--consumer-process", action="store_true",
+                        help="also time the consumer in a second process (transport='distributed', gloo)")
     args = parser.parse_args()
+    if args.steps > 3 * WARM_UP:
+        parser.error(f"--steps must be at most {3 * WARM_UP}")
+    if args.consumer_process:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_process_worker, args=(port, args), nprocs=2, join=True)
+    else:
+        measure(args)
+
+
+def measure(args):
     device = args.device
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
@@ -210,8 +263,6 @@ def main():
     # (the step's data and the curvature's matrix evict each other from the
     # caches, so isolated timings of either are too optimistic).
     batch = 256
-    if args.steps > 3 * WARM_UP:
-        parser.error(f"--steps must be at most {3 * WARM_UP}")
     for _ in range(3):
         sgd_alone = statistics.median(run("sgd", d, batch, 200, device, args.slots)[0] for _ in range(3))
         with_updates = statistics.median(run("synchronous", d, batch, 200, device, args.slots)[0] for _ in range(3))
@@ -221,6 +272,8 @@ def main():
     print(f"d = {d}, device = {device}: one DenseEFIM update in the loop {update * 1e3:.3f} ms, "
           f"one SGD step (batch {batch}) {step * 1e3:.3f} ms")
     walls = {"sgd": [], "synchronous": [], "pipelined": [], "synchronous, op only": [], "pipelined, op only": []}
+    if args.consumer_process:
+        walls["pipelined, process"] = []
     pushes, route = [], ""
     for _ in range(args.repeats):
         for mode in walls:
