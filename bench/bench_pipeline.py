@@ -23,11 +23,10 @@ consumer on its own stream.
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import threading
 import time
-
-import socket
 
 import torch
 import torch.distributed as dist

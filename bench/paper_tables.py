@@ -18,15 +18,13 @@ import copy
 import statistics
 import time
 
-import torch
-
 import nhgd_ext
 from nhgd_ext import problems
 
-CLEANING_METHODS = ["nhgd", "nhgd-rank1", "nhgd-kfac", "stocbio", "amigo", "ttsa", "soba", "aid", "neumann10", "neumann40",
-                    "cg10", "cg40", "broyden", "none"]
-DISTILLATION_METHODS = ["nhgd", "nhgd-rank1", "nhgd-sampled", "nhgd-kfac", "amigo", "ttsa", "soba", "aid", "neumann10", "neumann40", "cg10",
-                        "cg40", "broyden", "none"]
+CLEANING_METHODS = ["nhgd", "nhgd-rank1", "nhgd-kfac", "stocbio", "amigo", "ttsa", "soba", "aid", "neumann10",
+                    "neumann40", "cg10", "cg40", "broyden", "none"]
+DISTILLATION_METHODS = ["nhgd", "nhgd-rank1", "nhgd-sampled", "nhgd-kfac", "amigo", "ttsa", "soba", "aid",
+                        "neumann10", "neumann40", "cg10", "cg40", "broyden", "none"]
 HEAT_METHODS = ["nhgd", "nhgd-sampled", "broyden", "cg10"]
 #: rows of the tables that are a runner method with other options: NHGD fed the
 #: batch-mean gradient (one rank-one update per inner step, the paper's form)

@@ -1,0 +1,41 @@
+"""The benchmark scripts still run against the library (tiny settings, no
+timing checked): a renamed argument or method breaks them here, not in the
+next measuring session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*argv: str) -> str:
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("argv, rows", [
+    (["cleaning", "--seeds", "1", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-rank1,none"],
+     ["| nhgd-rank1 |", "| none |", "| val-only (reference) |"]),
+    (["distillation", "--seeds", "1", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-sampled"],
+     ["| nhgd-sampled |"]),
+    (["heat", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-sampled,broyden"],
+     ["| nhgd-sampled |", "| broyden |"]),
+])
+def test_paper_tables(argv, rows):
+    printed = _run("bench/paper_tables.py", *argv)
+    for row in rows:
+        assert row in printed, printed
+
+
+def test_bench_pipeline():
+    printed = _run("bench/bench_pipeline.py", "--dim", "64", "--steps", "20", "--repeats", "1")
+    for mode in ("synchronous", "pipelined", "pipelined, op only"):
+        assert f"\n{mode} " in printed, printed
