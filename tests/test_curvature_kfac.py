@@ -122,3 +122,36 @@ def test_a_forward_pass_without_backward_does_not_replace_the_step_inputs():
         factors.append([(layer.S.clone(), layer.G.clone()) for layer in kfac.layers])
     for (S0, G0), (S1, G1) in zip(*factors):
         assert torch.equal(S0, S1) and torch.equal(G0, G1)
+
+
+def test_captures_taken_then_given_back_equal_a_direct_update():
+    X, y = data(seed=3)
+    direct_model, later_model = net(seed=4), net(seed=4)
+    direct, later = KFAC(direct_model, beta=0.9), KFAC(later_model, beta=0.9)
+    step(direct_model, direct, X, y)
+    later_model.zero_grad()
+    nn.functional.cross_entropy(later_model(X), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in later.params])
+    captures = later.take_captures()
+    assert len(captures) == 4 and all(layer.acts is None for layer in later.layers)
+    later.update(g, batch_size=len(X), captures=captures)
+    for a, b in zip(direct.state_dict()["layers"], later.state_dict()["layers"]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_update_without_a_pass_or_with_wrong_captures_changes_nothing():
+    model = net(seed=5, extra=True)  # the LayerNorm has a diagonal block
+    kfac = KFAC(model, beta=0.9)
+    step(model, kfac, *data(seed=6))
+    before = kfac.state_dict()
+    assert any(d is not None for d in before["diag"])
+    g = torch.ones(sum(p.numel() for p in kfac.params), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="saw no forward and backward pass"):
+        kfac.update(g)  # no pass since the last update
+    with pytest.raises(ValueError, match="'captures'"):
+        kfac.update(g, captures=[torch.ones(2, 6, dtype=torch.float64)])
+    after = kfac.state_dict()
+    assert all(torch.equal(x, y) for x, y in zip(before["diag"], after["diag"]) if x is not None)
+    for a, b in zip(before["layers"], after["layers"]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert after["num_updates"] == before["num_updates"]

@@ -140,18 +140,46 @@ class KFAC:
 
     # ---------------------------------------------------------------- updates
 
-    def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
+    def update(self, g: torch.Tensor, batch_size: int = 1, *, captures: Sequence[torch.Tensor] | None = None) -> None:
         """Folds in the last forward/backward pass of the tracked layers, and
-        ``g`` (flat, scaled by sqrt(batch_size)) into the diagonal blocks."""
+        ``g`` (flat, scaled by sqrt(batch_size)) into the diagonal blocks.
+        ``captures``: that pass's :meth:`take_captures`, taken earlier (a
+        pipelined update carries them to the consumer); by default taken now."""
+        captures = self._captures(captures)
         self._update_diagonal(g.detach().reshape(1, -1) * math.sqrt(batch_size))
-        self._update_factors()
+        self._update_factors(captures)
 
-    def update_many(self, rows: torch.Tensor, *, per_step: bool = True) -> None:
+    def update_many(self, rows: torch.Tensor, *, per_step: bool = True,
+                    captures: Sequence[torch.Tensor] | None = None) -> None:
         """Per-sample gradient rows feed the diagonal blocks; the factors come
-        from the hooks. Both decay once per call (``per_step`` is accepted for
-        the curvature protocol; K-FAC always works per step)."""
+        from the hooks (or ``captures``). Both decay once per call
+        (``per_step`` is accepted for the curvature protocol; K-FAC always
+        works per step)."""
+        captures = self._captures(captures)
         self._update_diagonal(rows.detach())
-        self._update_factors()
+        self._update_factors(captures)
+
+    def _captures(self, given: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The captures to fold in, checked before any state changes."""
+        if given is None:
+            return self.take_captures()
+        given = list(given)
+        if len(given) != 2 * len(self.layers) or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in given):
+            raise ValueError(f"KFAC.update: argument 'captures' must hold {2 * len(self.layers)} 2-D tensors "
+                             f"(inputs and output gradients of {len(self.layers)} layers)")
+        return given
+
+    def take_captures(self) -> list[torch.Tensor]:
+        """What the hooks recorded of the last pass, [inputs, output gradients]
+        per tracked layer in order, taken out of the layers (the next update
+        needs a new pass). Raises, changing nothing, if a layer saw none."""
+        if any(layer.acts is None or layer.grads is None for layer in self.layers):
+            raise RuntimeError("KFAC.update: a tracked layer saw no forward and backward pass since the last update")
+        captures = []
+        for layer in self.layers:
+            captures += [layer.acts, layer.grads]
+            layer.acts = layer.grads = None
+        return captures
 
     def _update_diagonal(self, rows: torch.Tensor) -> None:
         start = 0
@@ -161,18 +189,15 @@ class KFAC:
                 diag.mul_(self.beta).add_(part.pow(2).mean(0), alpha=1 - self.beta)
             start += size
 
-    def _update_factors(self) -> None:
-        ready = [layer for layer in self.layers if layer.acts is not None and layer.grads is not None]
-        if len(ready) != len(self.layers):
-            raise RuntimeError("KFAC.update: a tracked layer saw no forward and backward pass since the last update")
-        acts = [layer.acts.to(self.dtype) for layer in ready]
-        grads = [layer.grads.to(self.dtype) for layer in ready]
+    def _update_factors(self, captures: Sequence[torch.Tensor]) -> None:
+        layers = self.layers
+        acts = [t.to(device=self.device, dtype=self.dtype) for t in captures[0::2]]
+        grads = [t.to(device=self.device, dtype=self.dtype) for t in captures[1::2]]
         a, b = self.beta, 1 - self.beta
-        ops.kfac_update_([layer.S_inv for layer in ready], [layer.G_inv for layer in ready], acts, grads, a, b)
-        for layer, x, d in zip(ready, acts, grads):
+        ops.kfac_update_([layer.S_inv for layer in layers], [layer.G_inv for layer in layers], acts, grads, a, b)
+        for layer, x, d in zip(layers, acts, grads):
             layer.S.mul_(a).addmm_(x.mT, x, alpha=b / x.shape[0])
             layer.G.mul_(a).addmm_(d.mT, d, alpha=b / d.shape[0])
-            layer.acts = layer.grads = None
         self.num_updates += 1
         self.mu *= a
         if self.mu < self.refresh_below * self._root:

@@ -9,8 +9,11 @@ from collections.abc import Callable
 
 import torch
 
-UPDATE = 0        # tensors [g] or [g, cross]; meta [UPDATE, batch_size, has_cross]
-UPDATE_MANY = 1   # tensors [rows] or [rows, cross]; meta [UPDATE_MANY, per_step (-1: not given, 0, 1), has_cross]
+UPDATE = 0        # tensors [g] or [g, cross], then captures; meta [UPDATE, batch_size, has_cross, captures]
+UPDATE_MANY = 1   # tensors [rows] or [rows, cross], then captures;
+#                   meta [UPDATE_MANY, per_step (-1: not given, 0, 1), has_cross, captures]
+# captures: how many tensors the curvature's own hooks recorded on the
+# producer (K-FAC's layer inputs and output gradients), passed back to its update
 CALL = 2          # tensors [argument]; meta [CALL, call id, 0]: a request answered by the consumer
 
 
@@ -27,15 +30,16 @@ class PipelineClosed(RuntimeError):
 def apply_update(curvature, on_cross: Callable | None, tensors: list[torch.Tensor], meta) -> None:
     """Applies one UPDATE / UPDATE_MANY message on the consumer."""
     kind, batch_size, has_cross = int(meta[0]), int(meta[1]), bool(meta[2])
+    n_captures = int(meta[3]) if len(meta) > 3 else 0
+    extra = {"captures": tensors[len(tensors) - n_captures:]} if n_captures else {}
     with torch.no_grad():
         if kind == UPDATE:
-            curvature.update(tensors[0], batch_size=batch_size)
+            curvature.update(tensors[0], batch_size=batch_size, **extra)
         elif kind == UPDATE_MANY:
             # per_step only when the producer gave it: the curvature's own default otherwise
-            if batch_size < 0:
-                curvature.update_many(tensors[0])
-            else:
-                curvature.update_many(tensors[0], per_step=bool(batch_size))
+            if batch_size >= 0:
+                extra["per_step"] = bool(batch_size)
+            curvature.update_many(tensors[0], **extra)
             batch_size = tensors[0].shape[0]
         else:
             raise ValueError(f"Pipeline consumer: unknown message kind {kind}")

@@ -15,6 +15,7 @@ that keeps a curvature object can be given a Pipeline instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import threading
 import weakref
@@ -133,6 +134,9 @@ class Pipeline:
     Args:
         curvature: the object updated (``update(g, batch_size)``,
             ``update_many(rows)``, ``solve(v)``; e.g. :class:`~nhgd_ext.curvature.DenseEFIM`).
+            One that records its own inputs on the producer (``take_captures()``,
+            :class:`~nhgd_ext.curvature.KFAC`'s hooks) has them taken at each
+            push and handed back to its update (``captures=``) on the consumer.
             It must live on ``consumer``. For ``transport="distributed"`` it
             lives in the consumer process (see :func:`serve`): pass ``None``.
         producer, consumer: devices of the pushed gradients and of the curvature.
@@ -203,11 +207,6 @@ class Pipeline:
         if missing:
             raise ValueError(f"Pipeline: argument 'curvature' must have update, update_many and solve; "
                              f"{type(curvature).__name__} lacks {', '.join(missing)}")
-        from ..curvature.kfac import KFAC  # sideways import, only for this check
-
-        if isinstance(curvature, KFAC):
-            raise ValueError("Pipeline: KFAC reads layer inputs and output gradients captured by its hooks on the "
-                             "producer's thread; pipelining it needs them in the message, which is not supported yet")
 
     # -------------------------------------------------------------- producer
 
@@ -230,7 +229,11 @@ class Pipeline:
             raise ValueError("Pipeline.push: argument 'per_step' is for per-sample rows ([k, d]) only")
         second = batch_size if grad.dim() == 1 else (-1 if per_step is None else int(bool(per_step)))
         tensors = [grad.detach()] if cross is None else [grad.detach(), cross.detach()]
-        self._engine_call(self._engine.push, tensors, [kind, second, int(cross is not None)])
+        # What the curvature's hooks recorded of this step's pass (K-FAC), taken
+        # here on the producer so the next step's pass cannot overwrite it.
+        take = getattr(self.curvature, "take_captures", None)
+        captures = take() if take is not None else []
+        self._engine_call(self._engine.push, tensors + captures, [kind, second, int(cross is not None), len(captures)])
 
     def flush(self) -> None:
         """Waits until every message pushed so far has been applied (on a GPU,
@@ -289,6 +292,11 @@ class Pipeline:
             got = list(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
             raise ValueError(f"Pipeline.update_many: argument 'rows' must have shape [k, d], got {got}")
         self.push(rows, cross=cross, per_step=per_step)
+
+    def paused(self):
+        """The curvature's ``paused()`` (K-FAC: its hooks record nothing inside)."""
+        paused = getattr(self.curvature, "paused", None)
+        return paused() if paused is not None else contextlib.nullcontext()
 
     @property
     def takes_rows(self) -> bool:
