@@ -1,7 +1,7 @@
 // pybind11 binding of the engine. Every call that may wait (push on a full
-// ring, flush, close) releases the GIL while it waits: the consumer thread needs it to run
-// the curvature's update. The consumer takes the GIL only for that call; the
-// kernels it launches release it again while they run.
+// ring, flush, close) releases the GIL while it waits: the consumer thread
+// needs it to run the curvature's update. The consumer takes the GIL only for
+// that call; the kernels it launches release it again while they run.
 #include "pipeline/python_bindings.h"
 
 #include "pipeline/engine.h"
