@@ -80,6 +80,27 @@ def test_gpu_consumer_error_reaches_the_producer():
     p.close()
 
 
+def test_kfac_nhgd_on_one_gpu_equals_synchronous():
+    """K-FAC's captures travel on the cuda-streams route with the gradient."""
+    from nhgd_ext.curvature import KFAC
+    from nhgd_ext.estimators import NHGD
+    from test_pipeline_nhgd import run_mlp
+
+    kfac = lambda model, i: KFAC(model, params=i, beta=0.9, damping=1e-2)  # noqa: E731
+    sync = run_mlp(lambda m, i, o: NHGD(i, o, curvature=kfac(m, i), beta=0.9), "cuda:0")
+    pipes = []
+
+    def piped(m, i, o):
+        pipes.append(Pipeline(kfac(m, i), producer="cuda:0", consumer="cuda:0", slots=3))
+        return NHGD(i, o, pipeline=pipes[-1], beta=0.9)
+
+    got = run_mlp(piped, "cuda:0")
+    assert pipes[0].num_updates == 120
+    pipes[0].close()
+    for a, b in zip(got, sync):
+        assert torch.equal(a, b), (a, b)
+
+
 @TWO_GPUS
 def test_two_gpus():
     route = _stream("cuda:0", "cuda:1")

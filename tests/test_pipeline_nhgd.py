@@ -63,14 +63,15 @@ def test_pipelined_nhgd_equals_synchronous(per_sample):
         assert torch.equal(a, b), (a, b)
 
 
-def _run_mlp(make_estimator, cross: str):
+def run_mlp(make_estimator, device: str = "cpu"):
     """A 5-7-3 tanh MLP (two nn.Linear layers) on a regression, v = log of the
     weight decay; three outer steps of 40 inner steps."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double().to(device)
     g = torch.Generator().manual_seed(8)
     X, Y = torch.randn(120, 5, generator=g, dtype=torch.float64), torch.randn(120, 3, generator=g, dtype=torch.float64)
-    log_wd = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
+    X, Y = X.to(device), Y.to(device)
+    log_wd = torch.tensor([-2.0], dtype=torch.float64, device=device, requires_grad=True)
     params = list(model.parameters())
     est = make_estimator(model, params, [log_wd])
     batches = torch.Generator().manual_seed(9)
@@ -82,9 +83,9 @@ def _run_mlp(make_estimator, cross: str):
     found = []
     for _ in range(3):
         for _ in range(40):
-            est.inner_step(inner_loss(torch.randint(0, 120, (12,), generator=batches)), batch_size=12)
+            est.inner_step(inner_loss(torch.randint(0, 120, (12,), generator=batches).to(device)), batch_size=12)
         outer = 0.5 * (model(X[:30]) - Y[:30]).pow(2).sum(1).mean()
-        fresh = torch.randint(0, 120, (40,), generator=batches)
+        fresh = torch.randint(0, 120, (40,), generator=batches).to(device)
         found.append(est.hypergradient(outer, lambda: inner_loss(fresh))[0].detach().clone())
         with torch.no_grad():
             log_wd -= 0.1 * found[-1]
@@ -102,14 +103,14 @@ def test_pipelined_kfac_nhgd_equals_synchronous(engine, cross):
     if engine == "compiled" and _build.backend() != "cpp":
         pytest.skip("the compiled engine needs the built extension")
     kfac = lambda model, i: KFAC(model, params=i, beta=0.9, damping=1e-2)  # noqa: E731
-    sync = _run_mlp(lambda m, i, o: NHGD(i, o, curvature=kfac(m, i), cross=cross, beta=0.9), cross)
+    sync = run_mlp(lambda m, i, o: NHGD(i, o, curvature=kfac(m, i), cross=cross, beta=0.9))
     pipes = []
 
     def piped(m, i, o):
         pipes.append(Pipeline(kfac(m, i), slots=3, engine=engine))
         return NHGD(i, o, pipeline=pipes[-1], cross=cross, beta=0.9)
 
-    got = _run_mlp(piped, cross)
+    got = run_mlp(piped)
     assert pipes[0].num_updates == 120
     pipes[0].close()
     for a, b in zip(got, sync):
