@@ -49,19 +49,17 @@ class RingBuffer {
   // RingFailed / RingClosed instead of waiting forever.
   std::size_t begin_push() {
     std::unique_lock<std::mutex> lock(mutex_);
-    space_.wait(lock, [&] { return stopped_locked() || (!filling_ && published_ - released_ < slots_); });
+    space_.wait(lock, [&] { return stopped_locked() || slot_free_locked(); });
     throw_if_stopped_locked();
-    filling_ = true;
-    return static_cast<std::size_t>(published_ % slots_);
+    return claim_slot_locked();
   }
 
   // begin_push without the wait: the next slot's index if it is free now.
   std::optional<std::size_t> try_begin_push() {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_stopped_locked();
-    if (filling_ || published_ - released_ >= slots_) return std::nullopt;
-    filling_ = true;
-    return static_cast<std::size_t>(published_ % slots_);
+    if (!slot_free_locked()) return std::nullopt;
+    return claim_slot_locked();
   }
 
   // published = true makes the slot's message visible to the consumer; false
@@ -186,6 +184,14 @@ class RingBuffer {
 
  private:
   bool stopped_locked() const { return failed_ || closed_; }
+
+  // The next slot is free and no other producer is filling one.
+  bool slot_free_locked() const { return !filling_ && published_ - released_ < slots_; }
+
+  std::size_t claim_slot_locked() {
+    filling_ = true;
+    return static_cast<std::size_t>(published_ % slots_);
+  }
 
   void throw_if_stopped_locked() const {
     if (failed_) throw RingFailed(error_);
