@@ -23,6 +23,17 @@ def _deterministic_seed():
     yield
 
 
+@pytest.fixture
+def one_thread_each():
+    """One intra-op thread for the test's own thread (a pipeline's producer):
+    on two cores the producer and the consumer get one each, as OpenMP teams
+    fighting for busy cores make every update slow."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_report_header(config):
     try:
         import nhgd_ext

@@ -23,14 +23,7 @@ HANG = 10.0  # seconds: only to turn a hang into a failure
 ENGINES = [pytest.param("compiled", id="compiled"), pytest.param("python", id="python")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_each():
-    # Two cores: the producer and the consumer one intra-op thread each
-    # (OpenMP teams fighting for busy cores make every update slow).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_each")
 
 
 @pytest.fixture(params=ENGINES)

@@ -12,12 +12,7 @@ from nhgd_ext.estimators import NHGD
 from nhgd_ext.pipeline import Pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_each():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_each")
 
 
 def _run(make_estimator, per_sample: bool):

@@ -105,14 +105,6 @@ class DenseEFIM:
 
     # ---------------------------------------------------------------- updates
 
-    def _coefficient_pair(self) -> tuple[float, float]:
-        """(a, b) that fold one new sample in: ``_coefficients(1)`` as floats,
-        the same values, without building a tensor on the hot path."""
-        n = self.num_samples
-        if self.beta is None:
-            return (1.0, 1.0) if n == 0 else (n / (n + 1), 1.0 / (n + 1))
-        return self.beta, 1 - self.beta
-
     def _coefficients(self, k: int, per_step: bool = False) -> tuple[float, torch.Tensor]:
         """(a, row weights) that fold k new samples into the damped matrix."""
         n = self.num_samples
@@ -150,7 +142,8 @@ class DenseEFIM:
         x = self._rows("g", g, 1)
         if batch_size != 1:
             x = x * math.sqrt(batch_size)
-        a, b = self._coefficient_pair()
+        a, w = self._coefficients(1)
+        b = float(w[0])
         self._fold_in(x.reshape(1, -1), a, b, lambda: ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b))
 
     def update_many(self, G: torch.Tensor, *, per_step: bool = False) -> None:

@@ -99,7 +99,7 @@ class NHGD(HypergradientEstimator):
         elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
             raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "
                              f"{', '.join(_CURVATURE_METHODS)}; got {curvature!r}")
-        self.curvature, self.pipeline = curvature, pipeline
+        self.curvature = curvature
         self.fisher, self.likelihood, self.cross_form = fisher, likelihood, cross
         self.cross_batches, self.warm_start = cross_batches, warm_start
         self.beta = beta

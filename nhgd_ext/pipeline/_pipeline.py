@@ -69,10 +69,10 @@ def _make_engine(kind: str, apply, slots: int, producer: torch.device, consumer:
         if kind == "compiled" and "cuda" in (producer.type, consumer.type) and not _build.compiled_with_cuda():
             kind = "python"  # a CPU-only build of the extension has no CUDA route
     if kind == "compiled":
-        module = _build.native_module()
-        if module is None or not hasattr(module, "PipelineEngine"):
+        if engine_kind() != "compiled":
             raise ValueError("Pipeline: engine='compiled' but the compiled extension is not loaded "
                              f"(nhgd_ext.backend() = {_build.backend()!r})")
+        module = _build.native_module()
         engine = module.PipelineEngine(apply, slots, str(producer), str(consumer), consumer_threads)
         return engine, (module.PipelineFailed,), (module.PipelineClosedError,)
     if kind == "python":

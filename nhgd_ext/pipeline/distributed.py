@@ -102,7 +102,7 @@ def _notice(message: str) -> torch.Tensor:
 
 def _unnotice(t: torch.Tensor) -> str:
     length = int(t[0]) << 8 | int(t[1])
-    return bytes(t[2:2 + length].tolist()).decode(errors="replace")
+    return _untext(t[2:2 + length])
 
 
 def _has_tags(group) -> bool:

@@ -13,7 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+
+def check_count(name: str, value, *, minimum: int = 1, owner: str | None = None) -> int:
+    """``value`` if it is an integer >= ``minimum``; else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}argument '{name}' must be {want}, got {value!r}")
+    return value
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as datasets
-from .base import BilevelProblem, Settings
+from .base import BilevelProblem, Settings, check_count
 from .cleaning import _classification_metrics, _reduce
 
 #: defaults per data source. Digits: 1000 real training samples (the outer
@@ -87,16 +87,16 @@ class DataDistillation(BilevelProblem):
                  batch_size: int | None = None, n_train: int | None | str = "default",
                  outer_batch_size: int | None | str = "default", data_dir: str | os.PathLike | None = None):
         super().__init__(seed=seed, device=device, dtype=dtype)
-        _check_size("n_per_class", n_per_class)
+        check_count("n_per_class", n_per_class, owner="DataDistillation")
         if batch_size is not None:
-            _check_size("batch_size", batch_size)
+            check_count("batch_size", batch_size, owner="DataDistillation")
         if init not in ("real", "noise"):
             raise ValueError(f"DataDistillation: argument 'init' must be 'real' or 'noise', got {init!r}")
         source = "digits" if data_dir is None else "idx"
         n_train = DEFAULTS[source]["n_train"] if n_train == "default" else n_train
         outer_batch_size = DEFAULTS[source]["outer_batch_size"] if outer_batch_size == "default" else outer_batch_size
         if outer_batch_size is not None:
-            _check_size("outer_batch_size", outer_batch_size)
+            check_count("outer_batch_size", outer_batch_size, owner="DataDistillation")
 
         images = datasets.load_images(data_dir)
         rng = datasets.seeded_rng(seed, 2)
@@ -190,7 +190,3 @@ class DataDistillation(BilevelProblem):
         """The distilled images, (C, n, *image_shape), detached."""
         return self.distilled.detach().reshape(self.num_classes, self.n_per_class, *self.image_shape)
 
-
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"DataDistillation: argument '{name}' must be a positive integer, got {value!r}")

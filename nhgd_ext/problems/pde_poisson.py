@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from .base import Settings
-from .pinn import (CollocationBatch, CollocationSet, ResidualProblem, check_count, check_layers,
+from .base import Settings, check_count
+from .pinn import (CollocationBatch, CollocationSet, ResidualProblem, check_layers,
                    curvature_step_options, derivative, pretrain, tanh_mlp)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BilevelProblem
+from .base import BilevelProblem, check_count
 
 #: indices into each point group, in the order of ``CollocationSet.groups``
 CollocationBatch = tuple[torch.Tensor, ...]
@@ -44,12 +44,6 @@ def check_layers(name: str, layers, *, inputs: int, outputs: int) -> tuple[int, 
     if widths[0] != inputs or widths[-1] != outputs:
         raise ValueError(f"argument '{name}' must start with {inputs} and end with {outputs}, got {layers!r}")
     return widths
-
-
-def check_count(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"argument '{name}' must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def tanh_mlp(widths: Sequence[int], generator: torch.Generator, *, device, dtype) -> nn.Sequential:

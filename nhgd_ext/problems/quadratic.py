@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .base import BilevelProblem, Settings
+from .base import BilevelProblem, Settings, check_count
 
 
 class SyntheticQuadratic(BilevelProblem):
@@ -62,9 +62,9 @@ class SyntheticQuadratic(BilevelProblem):
         if not (isinstance(L, (int, float)) and L >= mu and math.isfinite(L)):
             raise ValueError(f"SyntheticQuadratic: argument 'L' must be a finite number >= mu = {mu}, got {L!r}")
         for name, value in (("inner_dim", inner_dim), ("outer_dim", outer_dim), ("n_samples", n_samples)):
-            _check_size(name, value)
+            check_count(name, value, owner="SyntheticQuadratic")
         if batch_size is not None:
-            _check_size("batch_size", batch_size)
+            check_count("batch_size", batch_size, owner="SyntheticQuadratic")
         if mode == "seed003" and (inner_dim, outer_dim) != (2, 2):
             raise ValueError(f"SyntheticQuadratic: arguments 'inner_dim', 'outer_dim' are 2 in mode 'seed003' "
                              f"(got {inner_dim}, {outer_dim}); use mode='random' for other sizes")
@@ -202,10 +202,6 @@ class SyntheticQuadratic(BilevelProblem):
         return Settings(outer_steps=outer_steps, inner_steps=inner_steps, inner_lr=step, outer_lr=outer_lr,
                         method_options=options)
 
-
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"SyntheticQuadratic: argument '{name}' must be a positive integer, got {value!r}")
 
 
 def _random_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
