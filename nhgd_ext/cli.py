@@ -118,9 +118,8 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data_dir
     def fresh():
         return copy.deepcopy(pristine)
 
-    settings_source = pristine
-    loop = {"outer_steps": outer_steps or settings_source.settings.outer_steps,
-            "inner_steps": args.inner_steps or settings_source.settings.inner_steps,
+    loop = {"outer_steps": outer_steps or pristine.settings.outer_steps,
+            "inner_steps": args.inner_steps or pristine.settings.inner_steps,
             "inner_lr": getattr(args, "inner_lr", None), "outer_lr": getattr(args, "outer_lr", None)}
     last = last or max(1, min(10, loop["outer_steps"] // 5))
     histories = []
@@ -134,7 +133,7 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data_dir
             bar.close()
         history.warmup_seconds = warmup
         histories.append(history)
-    references = settings_source.references(loop["inner_steps"] * loop["outer_steps"])
+    references = pristine.references(loop["inner_steps"] * loop["outer_steps"])
     metric = report.headline_metric(histories)
     print(f"\n{problem_name} (seed {args.seed}, {loop['outer_steps']} outer x {loop['inner_steps']} inner steps, "
           f"device {args.device})")
