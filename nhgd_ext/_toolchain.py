@@ -73,14 +73,17 @@ def sources(with_cuda: bool, python_module: bool) -> list[str]:
     """Absolute, sorted paths of the translation units to compile.
 
     ``csrc/*.cpp`` (``module.cpp``, the pybind11 module, only when building a
-    Python module), ``csrc/cpu/*.cpp``, ``csrc/pipeline/*.cpp`` (its Python
-    binding only for a Python module; its CUDA route compiles to the CPU-only
-    factory without ``NHGD_WITH_CUDA``), and with CUDA also ``csrc/cuda/*.cpp``
-    (host glue) and ``csrc/cuda/*.cu`` (kernels).
+    Python module), ``csrc/cpu/*.cpp``, ``csrc/curvature/*.cpp`` and
+    ``csrc/pipeline/*.cpp`` (their Python bindings only for a Python module;
+    the pipeline's CUDA route compiles to the CPU-only factory without
+    ``NHGD_WITH_CUDA``), and with CUDA also ``csrc/cuda/*.cpp`` (host glue)
+    and ``csrc/cuda/*.cu`` (kernels). Base names are unique across folders:
+    torch's first-import build names each object after its source's.
     """
     root = source_root()
-    python_only = {"module.cpp", "python_bindings.cpp"}
-    files = _glob(root, "*.cpp") + _glob(root / "cpu", "*.cpp") + _glob(root / "pipeline", "*.cpp")
+    python_only = {"module.cpp", "python_bindings.cpp", "dense_efim_python.cpp"}
+    files = _glob(root, "*.cpp") + _glob(root / "cpu", "*.cpp") + _glob(root / "curvature", "*.cpp")
+    files += _glob(root / "pipeline", "*.cpp")
     files = [p for p in files if python_module or p.name not in python_only]
     if with_cuda:
         files += _glob(root / "cuda", "*.cpp", "*.cu")

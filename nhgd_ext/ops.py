@@ -33,6 +33,7 @@ __all__ = [
     "apply_pending_",
     "new_pending",
     "new_status",
+    "device_status",
     "skipped_updates",
     "running_average_coeffs",
     "ema_coeffs",
@@ -65,13 +66,21 @@ def skipped_updates(device: str | torch.device = "cuda", *, reset: bool = False)
     return value
 
 
-def _status_for(state: torch.Tensor, status: torch.Tensor | None) -> torch.Tensor | None:
-    if status is not None or state.device.type != "cuda":
-        return status
-    counter = _device_counters.get(state.device)
+def device_status(device: str | torch.device) -> torch.Tensor | None:
+    """The counter that updates of state on ``device`` made without
+    ``status=`` add their skips to (read by :func:`skipped_updates`); ``None``
+    on the CPU, where the same problems raise."""
+    device = _canonical(device)
+    if device.type != "cuda":
+        return None
+    counter = _device_counters.get(device)
     if counter is None:
-        counter = _device_counters[state.device] = new_status(state.device)
+        counter = _device_counters[device] = new_status(device)
     return counter
+
+
+def _status_for(state: torch.Tensor, status: torch.Tensor | None) -> torch.Tensor | None:
+    return status if status is not None else device_status(state.device)
 
 
 def _tensor(op: str, name: str, x) -> torch.Tensor:

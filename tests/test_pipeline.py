@@ -8,6 +8,7 @@ speed assertion."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -255,6 +256,64 @@ def test_cross_terms_reach_on_cross_after_their_update(engine):
     assert log == [("g", 1.0), ("B", 6.0, 2), ("g", 2.0)]
     with Pipeline(Recorder(), engine=engine) as p, pytest.raises(ValueError, match="cross"):
         p.push(torch.zeros(4), cross=torch.ones(2))
+
+
+def test_dense_updates_with_cross_terms_equal_synchronous(engine):
+    """A DenseEFIM with an on_cross handler: with the compiled engine the
+    consumer applies each update itself and hands Python only the cross term
+    (a CROSS message), in order, with the update's batch size."""
+    d = 5
+    G = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sync, piped = DenseEFIM(d, beta=0.9, dtype=torch.float64), DenseEFIM(d, beta=0.9, dtype=torch.float64)
+    expected, log = [], []
+
+    def on_cross(B, batch_size):
+        log.append((B[0].item(), batch_size, piped.num_updates))
+
+    with Pipeline(piped, engine=engine, on_cross=on_cross) as p:
+        for i in range(0, 40, 4):
+            sync.update(G[i], batch_size=3)
+            p.push(G[i], batch_size=3, cross=torch.full((2,), float(i)))
+            sync.update_many(G[i + 1:i + 4], per_step=True)
+            p.push(G[i + 1:i + 4], per_step=True, cross=torch.full((2,), float(i + 1)))
+            expected += [(float(i), 3, sync.num_updates - 1), (float(i + 1), 3, sync.num_updates)]
+        p.flush()
+        assert torch.equal(p.inverse, sync.inverse)
+    assert log == expected
+
+
+def test_message_kinds_agree_with_the_compiled_consumer():
+    module = nhgd_ext._build.native_module()
+    if module is None:
+        pytest.skip("the compiled extension is not loaded (reference backend)")
+    from nhgd_ext.pipeline import _messages
+
+    assert module.PIPELINE_MESSAGE_KINDS == {k: getattr(_messages, k) for k in ("UPDATE", "UPDATE_MANY", "CALL", "CROSS")}
+
+
+def test_compiled_consumer_updates_a_dense_efim_without_the_gil():
+    """The producer keeps the GIL (a Python loop, with a switch interval far
+    longer than the test): a consumer that needed the interpreter could not
+    apply a single update, the compiled one applies them all."""
+    if engine_kind() != "compiled":
+        pytest.skip("the compiled extension is not loaded (reference backend)")
+    G = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    sync = DenseEFIM(16, dtype=torch.float64)
+    for g in G:
+        sync.update(g, batch_size=2)
+    with Pipeline(DenseEFIM(16, dtype=torch.float64), slots=64) as p:
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1000.0)
+        try:
+            for g in G:
+                p.push(g, batch_size=2)  # a free slot each time: the GIL is never given up
+            deadline = time.perf_counter() + HANG
+            while p.num_messages < len(G) and time.perf_counter() < deadline:
+                pass
+        finally:
+            sys.setswitchinterval(interval)
+        assert p.num_messages == len(G)
+        assert torch.equal(p.inverse, sync.inverse)
 
 
 def test_curvature_interface_reset_and_state(engine):

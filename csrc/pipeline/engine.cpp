@@ -10,15 +10,12 @@
 #endif
 
 namespace nhgd::pipeline {
-namespace {
 
 std::string describe(const std::exception& e) {
   // c10::Error's what() carries a C++ backtrace; the message is what a user needs.
   if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
   return e.what();
 }
-
-}  // namespace
 
 Engine::Engine(ApplyFn apply, int64_t slots, const at::Device& producer, const at::Device& consumer,
                int64_t consumer_threads)

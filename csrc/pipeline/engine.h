@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -24,6 +25,9 @@ namespace nhgd::pipeline {
 // fresh tensors it may keep, and the message's integers. Throwing stops the
 // stream: the error reaches the producer's next call.
 using ApplyFn = std::function<void(std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta)>;
+
+// An exception's message without c10's C++ backtrace.
+std::string describe(const std::exception& e);
 
 class Engine {
  public:

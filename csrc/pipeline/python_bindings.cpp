@@ -2,8 +2,14 @@
 // ring, flush, close) releases the GIL while it waits: the consumer thread
 // needs it to run the curvature's update. The consumer takes the GIL only for
 // that call; the kernels it launches release it again while they run.
+//
+// With a compiled curvature (DenseEFIM's C++ core) the consumer applies the
+// update messages itself, without the GIL: then the producer's training loop
+// never waits for the interpreter behind an update. Requests, cross-term
+// handlers and curvatures with hooks (K-FAC) still go through Python.
 #include "pipeline/python_bindings.h"
 
+#include "curvature/dense_efim.h"
 #include "pipeline/engine.h"
 
 #include <pybind11/stl.h>
@@ -18,19 +24,63 @@ namespace py = pybind11;
 namespace nhgd::pipeline {
 namespace {
 
+// Message kinds, as nhgd_ext/pipeline/_messages.py numbers them (a test checks
+// that they agree). meta = [kind, batch size or per_step, has cross, captures].
+enum MessageKind : int64_t { kUpdate = 0, kUpdateMany = 1, kCall = 2, kCross = 3 };
+
+// Whether the compiled curvature can apply this message by itself: an update
+// without captured hook inputs (those are K-FAC's, a Python curvature).
+bool applies_natively(const std::vector<int64_t>& meta) {
+  return meta.size() >= 4 && (meta[0] == kUpdate || meta[0] == kUpdateMany) && meta[3] == 0;
+}
+
+// What _messages.apply_update does for the same message.
+void apply_natively(curvature::DenseEFIM& curvature, const std::vector<at::Tensor>& tensors,
+                    const std::vector<int64_t>& meta) {
+  if (meta[0] == kUpdate) {
+    curvature.update(tensors[0], meta[1]);
+  } else {
+    curvature.update_many(tensors[0], meta[1] == 1);  // -1 (not given): the default, per_step=False
+  }
+}
+
+const char* python_type_of(const std::exception& e) {
+  return dynamic_cast<const c10::ValueError*>(&e) ? "ValueError" : "RuntimeError";
+}
+
 class PyEngine {
  public:
   PyEngine(py::object apply, int64_t slots, const std::string& producer, const std::string& consumer,
-           int64_t consumer_threads)
-      : apply_(std::move(apply)) {
+           int64_t consumer_threads, std::shared_ptr<curvature::DenseEFIM> native, py::object on_native_failure)
+      : apply_(std::move(apply)), on_native_failure_(std::move(on_native_failure)) {
     if (!PyCallable_Check(apply_.ptr())) throw py::value_error("PipelineEngine: argument 'apply' must be callable");
-    // The engine outlives no PyEngine, so it may point at apply_; the Python
-    // object itself is only touched with the GIL held.
+    if (native && !PyCallable_Check(on_native_failure_.ptr())) {
+      throw py::value_error("PipelineEngine: argument 'on_native_failure' must be callable when 'native' is given");
+    }
+    // The engine outlives no PyEngine, so it may point at apply_ and
+    // on_native_failure_; the Python objects are only touched with the GIL held.
     const py::object* fn = &apply_;
-    ApplyFn call = [fn](std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta) {
+    const py::object* failed = &on_native_failure_;
+    ApplyFn call = [fn, failed, native](std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta) {
+      const std::vector<int64_t>* python_meta = &meta;
+      std::vector<int64_t> cross_meta;
+      if (native && applies_natively(meta)) {
+        try {
+          apply_natively(*native, tensors, meta);
+        } catch (const std::exception& e) {
+          // The Python side keeps an exception of the same type to chain it.
+          py::gil_scoped_acquire gil;
+          (*failed)(python_type_of(e), describe(e));
+          throw;
+        }
+        if (meta[2] == 0) return;
+        // What remains of the message is its cross term, for on_cross.
+        cross_meta = {kCross, meta[0] == kUpdate ? meta[1] : tensors[0].size(0), 1, 0};
+        python_meta = &cross_meta;
+      }
       py::gil_scoped_acquire gil;
       try {
-        (*fn)(py::cast(tensors), py::cast(meta));
+        (*fn)(py::cast(tensors), py::cast(*python_meta));
       } catch (py::error_already_set& e) {
         // Carried to the producer as text; the Python side keeps the exception
         // object itself to chain it.
@@ -91,7 +141,7 @@ class PyEngine {
     engine_.reset();
   }
 
-  py::object apply_;
+  py::object apply_, on_native_failure_;
   std::unique_ptr<Engine> engine_;
   uint64_t pushed_at_close_ = 0, applied_at_close_ = 0;
   std::optional<std::string> error_at_close_;
@@ -101,14 +151,19 @@ class PyEngine {
 }  // namespace
 
 void bind_python(py::module_& m) {
+  m.attr("PIPELINE_MESSAGE_KINDS") =
+      py::dict(py::arg("UPDATE") = int64_t{kUpdate}, py::arg("UPDATE_MANY") = int64_t{kUpdateMany},
+               py::arg("CALL") = int64_t{kCall}, py::arg("CROSS") = int64_t{kCross});
   // Subclasses of RuntimeError, so nothing that catches RuntimeError misses them.
   py::register_exception<RingFailed>(m, "PipelineFailed", PyExc_RuntimeError);
   py::register_exception<RingClosed>(m, "PipelineClosedError", PyExc_RuntimeError);
 
   py::class_<PyEngine>(m, "PipelineEngine",
                        "Ring buffer + C++ consumer thread behind nhgd_ext.pipeline.Pipeline.")
-      .def(py::init<py::object, int64_t, const std::string&, const std::string&, int64_t>(), py::arg("apply"),
-           py::arg("slots"), py::arg("producer"), py::arg("consumer"), py::arg("consumer_threads") = 0)
+      .def(py::init<py::object, int64_t, const std::string&, const std::string&, int64_t,
+                    std::shared_ptr<curvature::DenseEFIM>, py::object>(),
+           py::arg("apply"), py::arg("slots"), py::arg("producer"), py::arg("consumer"),
+           py::arg("consumer_threads") = 0, py::arg("native") = py::none(), py::arg("on_native_failure") = py::none())
       .def("push", &PyEngine::push, py::arg("tensors"), py::arg("meta"))
       .def("flush", &PyEngine::flush)
       .def("close", &PyEngine::close, py::arg("drain") = true)

@@ -17,6 +17,13 @@ sample count doubles; an EMA every log(refresh_below) / log(beta) updates.
 
 The first running-average update has no previous average to scale (a = 0):
 it starts from F = 0 with the full damping, D = x x^T + damping I.
+
+The state and its update rules live in a core object: the compiled
+``DenseEFIMCore`` (csrc/curvature/dense_efim.cpp) wherever the extension is
+built, so that a Pipeline's consumer thread applies updates without taking
+the GIL from the training loop; the pure-PyTorch one in _dense_reference.py
+with the reference operators. This class checks arguments and reads the
+state out.
 """
 
 from __future__ import annotations
@@ -25,10 +32,19 @@ import math
 
 import torch
 
-from .. import ops
+from .. import _build, ops
+from ._dense_reference import DenseEFIMCore as _ReferenceCore
 
 _STATE_KEYS = ("inverse", "pending", "fisher")
 _COUNTER_KEYS = ("num_updates", "num_samples", "num_refreshes", "mu")
+
+
+def _make_core(dim, beta, damping, refresh_below, dtype, device):
+    status = ops.device_status(device)  # where the CUDA kernels count skipped updates
+    module = _build.native_module()
+    if module is not None and _build.backend(device) != "reference":
+        return module.DenseEFIMCore(dim, beta, damping, refresh_below, dtype, device, status)
+    return _ReferenceCore(dim, beta, damping, refresh_below, dtype, device, status)
 
 
 class DenseEFIM:
@@ -57,81 +73,51 @@ class DenseEFIM:
             raise ValueError(f"DenseEFIM: argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
         self.dim, self.beta, self.damping, self.refresh_below = dim, beta, float(damping), float(refresh_below)
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
-        self.reset()
+        self._core = _make_core(dim, None if beta is None else float(beta), self.damping, self.refresh_below,
+                                dtype, self.device)
+
+    @property
+    def compiled_core(self):
+        """The compiled object holding the state (``None`` with the reference
+        operators): a Pipeline's consumer thread updates it without the GIL."""
+        return None if isinstance(self._core, _ReferenceCore) else self._core
 
     # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
         """Back to no samples: F = 0, inverse = I / damping."""
-        d = self.dim
-        self._A = torch.eye(d, dtype=self.dtype, device=self.device) / self.damping
-        self._pending = ops.new_pending(d, dtype=self.dtype, device=self.device)
-        # The kept Fisher is float64 whatever the state's dtype: it is what every
-        # refresh rebuilds the inverse from, so its rounding must not accumulate
-        # (a float32 running average over 10^5 samples drifts by about 1e-2).
-        self._F = torch.zeros(d, d, dtype=torch.float64, device=self.device)
-        # New rows reach F in batches (one GEMM per FOLD_ROWS rows rather than a
-        # pass over F per update): rows[i] enters F with weight scale * weights[i].
-        self._pending_rows: list[torch.Tensor] = []
-        self._pending_weights: list[float] = []
-        self._scale = 1.0  # product of the a's since the last fold
-        self.num_updates = 0  # calls of update / update_many
-        self.num_samples = 0  # gradients (rows) fed
-        self.num_refreshes = 0
-        self.mu = self.damping  # the damping the inverse currently includes
+        self._core.reset()
+
+    num_updates = property(lambda self: self._core.num_updates, doc="calls of update / update_many")
+    num_samples = property(lambda self: self._core.num_samples, doc="gradients (rows) fed")
+    num_refreshes = property(lambda self: self._core.num_refreshes, doc="exact rebuilds of the inverse")
+    mu = property(lambda self: self._core.mu, doc="the damping the inverse currently includes")
+
+    def _config(self) -> dict:
+        return {"dim": self.dim, "beta": self.beta, "damping": self.damping, "refresh_below": self.refresh_below}
 
     def state_dict(self) -> dict:
-        self._fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
-        state = {"inverse": self._A.clone(), "pending": self._pending.clone(), "fisher": self._F.clone()}
-        state.update({k: getattr(self, k) for k in _COUNTER_KEYS})
-        state["config"] = {"dim": self.dim, "beta": self.beta, "damping": self.damping,
-                           "refresh_below": self.refresh_below}
+        core = self._core
+        core.fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
+        state = {"inverse": core.inverse.clone(), "pending": core.pending.clone(), "fisher": core.fisher.clone()}
+        state.update({k: getattr(core, k) for k in _COUNTER_KEYS})
+        state["config"] = self._config()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        config = {"dim": self.dim, "beta": self.beta, "damping": self.damping, "refresh_below": self.refresh_below}
-        if state.get("config") != config:
+        if state.get("config") != self._config():
             raise ValueError(f"DenseEFIM.load_state_dict: the state was saved with {state.get('config')}, "
-                             f"this object has {config}")
-        for key, target in zip(_STATE_KEYS, (self._A, self._pending, self._F)):
+                             f"this object has {self._config()}")
+        targets = [getattr(self._core, key) for key in _STATE_KEYS]
+        for key, target in zip(_STATE_KEYS, targets):
             if state[key].shape != target.shape:
                 raise ValueError(f"DenseEFIM.load_state_dict: '{key}' has shape {tuple(state[key].shape)}, "
                                  f"expected {tuple(target.shape)}")
-        for key, target in zip(_STATE_KEYS, (self._A, self._pending, self._F)):
+        for key, target in zip(_STATE_KEYS, targets):
             target.copy_(state[key])
-        for key in _COUNTER_KEYS:
-            setattr(self, key, state[key])
-        self._pending_rows, self._pending_weights, self._scale = [], [], 1.0
+        self._core.set_counters(*(state[key] for key in _COUNTER_KEYS))
 
     # ---------------------------------------------------------------- updates
-
-    def _coefficients(self, k: int, per_step: bool = False) -> tuple[float, torch.Tensor]:
-        """(a, row weights) that fold k new samples into the damped matrix."""
-        n = self.num_samples
-        if per_step and self.beta is not None:
-            return self.beta, torch.full((k,), (1 - self.beta) / k, dtype=torch.float64)
-        if self.beta is None:
-            if n == 0:
-                return 1.0, torch.full((k,), 1.0 / k, dtype=torch.float64)
-            return n / (n + k), torch.full((k,), 1.0 / (n + k), dtype=torch.float64)
-        beta = self.beta
-        ages = torch.arange(k - 1, -1, -1, dtype=torch.float64)  # the last row is the newest
-        return beta**k, (1 - beta) * beta**ages
-
-    def _rows(self, name: str, x: torch.Tensor, ndim: int) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"DenseEFIM: argument '{name}' must be a tensor, got {type(x).__name__}")
-        if x.dim() != ndim or x.shape[-1] != self.dim or x.numel() == 0:
-            want = f"[{self.dim}]" if ndim == 1 else f"[k >= 1, {self.dim}]"
-            raise ValueError(f"DenseEFIM: argument '{name}' must have shape {want}, got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
-        x = x.detach()
-        if x.dtype != self.dtype or x.device != self.device:
-            x = x.to(device=self.device, dtype=self.dtype)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
-        return x
 
     def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
         """Feeds one gradient. For the mean gradient of a batch of D samples pass
@@ -139,12 +125,7 @@ class DenseEFIM:
         expectation of a single sample's (DESIGN.md §2.5)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"DenseEFIM.update: argument 'batch_size' must be a positive integer, got {batch_size!r}")
-        x = self._rows("g", g, 1)
-        if batch_size != 1:
-            x = x * math.sqrt(batch_size)
-        a, w = self._coefficients(1)
-        b = float(w[0])
-        self._fold_in(x.reshape(1, -1), a, b, lambda: ops.sherman_morrison_deferred_(self._A, self._pending, x, a, b))
+        self._core.update(g, batch_size)
 
     def update_many(self, G: torch.Tensor, *, per_step: bool = False) -> None:
         """Feeds the rows of G (k x d) as k samples, oldest first, in one rank-k step.
@@ -155,81 +136,7 @@ class DenseEFIM:
         ``(1 - beta) / k``, rather than once per row (``beta**k``, which at
         the paper's beta = 0.8 and a batch of 100 would forget everything
         every step). The running average counts rows either way."""
-        X = self._rows("G", G, 2)
-        k = X.shape[0]
-        a, w = self._coefficients(k, per_step)
-        H = X * w.sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
-
-        def woodbury():
-            self._flush()
-            ops.woodbury_(self._A, H, a)
-
-        self._fold_in(H, a, 1.0, woodbury)
-
-    def _fold_in(self, rows: torch.Tensor, a: float, weight: float, update) -> None:
-        """Applies the in-place ``update`` of the inverse, then records the rows
-        for F. The update is skipped when the refresh it triggers rebuilds the
-        inverse from F anyway; when it finds the inverse has lost definiteness
-        (float32 drift) it is retried once on the exactly rebuilt state."""
-        if not self._refresh_follows(a):
-            try:
-                update()
-            except RuntimeError:
-                self._refresh()
-                update()
-        self._remember(rows, a, weight)
-        self._advance(a, rows.shape[0])
-
-    FOLD_ROWS = 64
-
-    def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
-        """F <- a F + weight * rows^T rows, deferred to the next fold."""
-        self._scale *= a
-        # a copy even when the rows are float64 already: F must not see the
-        # caller's later writes to the tensor it passed
-        self._pending_rows.append(rows.to(torch.float64, copy=True))
-        self._pending_weights.extend([weight / self._scale] * rows.shape[0])
-        if len(self._pending_weights) >= self.FOLD_ROWS:
-            self._fold()
-
-    def _fold(self) -> None:
-        if self._pending_rows:
-            X = torch.cat(self._pending_rows)
-            w = torch.tensor(self._pending_weights, dtype=torch.float64, device=self.device) * self._scale
-            self._F.mul_(self._scale).addmm_(X.mT * w, X)
-        elif self._scale != 1.0:
-            self._F.mul_(self._scale)
-        self._pending_rows, self._pending_weights, self._scale = [], [], 1.0
-
-    def _refresh_follows(self, a: float) -> bool:
-        """Whether this update takes the damping below the refresh threshold:
-        then the refresh rebuilds the inverse from F anyway, and the in-place
-        update is skipped (for a tiny a, say beta**k over a large batch, it
-        would divide the float32 state by a and overflow)."""
-        return self.mu * a < self.refresh_below * self.damping
-
-    def _advance(self, a: float, k: int) -> None:
-        self.num_updates += 1
-        self.num_samples += k
-        self.mu *= a
-        if self.mu < self.refresh_below * self.damping:
-            self._refresh()
-
-    def _refresh(self) -> None:
-        """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
-        self._fold()
-        D = 0.5 * (self._F + self._F.mT)
-        D.diagonal().add_(self.damping)
-        L = torch.linalg.cholesky(D)
-        inv = torch.cholesky_inverse(L)
-        inv = inv.tril() + inv.tril(-1).mT  # exactly symmetric
-        self._A.copy_(inv)
-        self._pending.copy_(ops.new_pending(self.dim, dtype=self.dtype, device=self.device))
-        self.mu = self.damping
-        self.num_refreshes += 1
-
-    def _flush(self) -> None:
-        ops.apply_pending_(self._A, self._pending)
+        self._core.update_many(G, bool(per_step))
 
     # -------------------------------------------------------------- read-outs
 
@@ -237,8 +144,8 @@ class DenseEFIM:
     def inverse(self) -> torch.Tensor:
         """The d x d inverse (F + mu I)^-1, exactly symmetric. It is the live
         state: read it, do not write it."""
-        self._flush()
-        return self._A
+        self._core.flush()
+        return self._core.inverse
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """inverse @ v for v of shape [d] or [d, m]."""
@@ -250,5 +157,6 @@ class DenseEFIM:
             return self.inverse @ v
         # The pending update is applied to the product rather than written into
         # the state: half a pass over A (its lower triangle), no writes.
-        alpha, c, u = self._pending[0], self._pending[1], self._pending[2:]
-        return alpha * ops.symmetric_matvec(self._A, v) - c * (u @ v) * u
+        A, pending = self._core.inverse, self._core.pending
+        alpha, c, u = pending[0], pending[1], pending[2:]
+        return alpha * ops.symmetric_matvec(A, v) - c * (u @ v) * u

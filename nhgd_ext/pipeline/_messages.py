@@ -15,6 +15,8 @@ UPDATE_MANY = 1   # tensors [rows] or [rows, cross], then captures;
 # captures: how many tensors the curvature's own hooks recorded on the
 # producer (K-FAC's layer inputs and output gradients), passed back to its update
 CALL = 2          # tensors [argument]; meta [CALL, call id, 0]: a request answered by the consumer
+CROSS = 3         # tensors as UPDATE / UPDATE_MANY; meta [CROSS, batch_size, 1, 0]: on_cross alone, the
+#                   update itself having been applied by the compiled consumer (csrc/pipeline/python_bindings.cpp)
 
 
 class PipelineError(RuntimeError):
@@ -33,7 +35,9 @@ def apply_update(curvature, on_cross: Callable | None, tensors: list[torch.Tenso
     n_captures = int(meta[3]) if len(meta) > 3 else 0
     extra = {"captures": tensors[len(tensors) - n_captures:]} if n_captures else {}
     with torch.no_grad():
-        if kind == UPDATE:
+        if kind == CROSS:
+            pass
+        elif kind == UPDATE:
             curvature.update(tensors[0], batch_size=batch_size, **extra)
         elif kind == UPDATE_MANY:
             # per_step only when the producer gave it: the curvature's own default otherwise

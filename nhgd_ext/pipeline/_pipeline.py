@@ -63,7 +63,8 @@ def engine_kind() -> str:
     return "compiled" if module is not None and hasattr(module, "PipelineEngine") else "python"
 
 
-def _make_engine(kind: str, apply, slots: int, producer: torch.device, consumer: torch.device, consumer_threads: int):
+def _make_engine(kind: str, side: _ConsumerSide, slots: int, producer: torch.device, consumer: torch.device,
+                 consumer_threads: int):
     if kind == "auto":
         kind = engine_kind()
         if kind == "compiled" and "cuda" in (producer.type, consumer.type) and not _build.compiled_with_cuda():
@@ -73,10 +74,13 @@ def _make_engine(kind: str, apply, slots: int, producer: torch.device, consumer:
             raise ValueError("Pipeline: engine='compiled' but the compiled extension is not loaded "
                              f"(nhgd_ext.backend() = {_build.backend()!r})")
         module = _build.native_module()
-        engine = module.PipelineEngine(apply, slots, str(producer), str(consumer), consumer_threads)
+        # A compiled curvature is updated by the consumer thread itself, without the GIL.
+        native = getattr(side.curvature, "compiled_core", None)
+        engine = module.PipelineEngine(side.apply, slots, str(producer), str(consumer), consumer_threads,
+                                       native, side.native_failed)
         return engine, (module.PipelineFailed,), (module.PipelineClosedError,)
     if kind == "python":
-        engine = _python_engine.PythonEngine(apply, slots, str(producer), str(consumer), consumer_threads)
+        engine = _python_engine.PythonEngine(side.apply, slots, str(producer), str(consumer), consumer_threads)
         return engine, (_python_engine.PipelineFailed,), (_python_engine.PipelineClosedError,)
     raise ValueError(f"Pipeline: argument 'engine' must be 'auto', 'compiled' or 'python', got {kind!r}")
 
@@ -92,6 +96,11 @@ class _ConsumerSide:
         self.calls: dict[int, tuple] = {}
         self.results: dict[int, object] = {}
         self.exception: BaseException | None = None
+
+    def native_failed(self, kind: str, message: str) -> None:
+        """The compiled consumer's update raised: keep an exception of the
+        same Python type to chain to the PipelineError, as for a Python one."""
+        self.exception = (ValueError if kind == "ValueError" else RuntimeError)(message)
 
     def apply(self, tensors, meta) -> None:
         try:
@@ -196,7 +205,7 @@ class Pipeline:
         else:
             raise ValueError(f"Pipeline: argument 'transport' must be 'local' or 'distributed', got {transport!r}")
         self._engine, self._failed_types, self._closed_types = _make_engine(
-            engine, self._side.apply, slots, self.producer, engine_consumer, consumer_threads)
+            engine, self._side, slots, self.producer, engine_consumer, consumer_threads)
         self.engine = "python" if isinstance(self._engine, _python_engine.PythonEngine) else "compiled"
         self.slots = slots
         _open_pipelines.add(self)

@@ -1,0 +1,212 @@
+#include "curvature/dense_efim.h"
+
+#include "checks.h"  // text()
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+
+namespace nhgd::curvature {
+namespace {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The operators as the dispatcher has them: the same CPU or CUDA kernel that
+// torch.ops.nhgd_ext.* runs from Python.
+const auto& sherman_morrison_deferred_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nhgd_ext::sherman_morrison_deferred_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                                         const OptionalTensor&)>();
+  return op;
+}
+
+const auto& woodbury_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nhgd_ext::woodbury_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, double, const OptionalTensor&)>();
+  return op;
+}
+
+const auto& apply_pending_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nhgd_ext::apply_pending_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+// Errors that say the arguments were wrong (Python's ValueError, TypeError,
+// ...) as opposed to a kernel finding the state no longer definite.
+bool is_argument_error(const c10::Error& e) {
+  return dynamic_cast<const c10::ValueError*>(&e) || dynamic_cast<const c10::TypeError*>(&e) ||
+         dynamic_cast<const c10::IndexError*>(&e) || dynamic_cast<const c10::NotImplementedError*>(&e);
+}
+
+}  // namespace
+
+DenseEFIM::DenseEFIM(int64_t dim, std::optional<double> beta, double damping, double refresh_below,
+                     at::ScalarType dtype, at::Device device, std::optional<at::Tensor> status)
+    : dim_(dim),
+      beta_(beta),
+      damping_(damping),
+      refresh_below_(refresh_below),
+      options_(at::TensorOptions().dtype(dtype).device(device)),
+      status_(std::move(status)) {
+  TORCH_CHECK_VALUE(dim >= 1, "DenseEFIM: argument 'dim' must be a positive integer, got ", text(dim));
+  TORCH_CHECK_VALUE(!beta || (*beta > 0.0 && *beta < 1.0), "DenseEFIM: argument 'beta' must be None or lie in (0, 1)");
+  TORCH_CHECK_VALUE(std::isfinite(damping) && damping > 0.0, "DenseEFIM: argument 'damping' must be a finite number > 0");
+  TORCH_CHECK_VALUE(refresh_below > 0.0 && refresh_below < 1.0, "DenseEFIM: argument 'refresh_below' must lie in (0, 1)");
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
+                    "DenseEFIM: argument 'dtype' must be torch.float32 or torch.float64");
+  reset();
+}
+
+at::Tensor DenseEFIM::empty_pending() const {
+  at::Tensor pending = at::zeros({dim_ + 2}, options_);
+  pending[0] = 1;
+  return pending;
+}
+
+void DenseEFIM::reset() {
+  at::NoGradGuard no_grad;
+  A_ = at::eye(dim_, options_) / damping_;
+  pending_ = empty_pending();
+  // float64 whatever the state's dtype: every refresh rebuilds the inverse from
+  // F, so its rounding must not accumulate.
+  F_ = at::zeros({dim_, dim_}, options_.dtype(at::kDouble));
+  buffered_rows_.clear();
+  buffered_weights_.clear();
+  scale_ = 1.0;
+  num_updates_ = num_samples_ = num_refreshes_ = 0;
+  mu_ = damping_;
+}
+
+void DenseEFIM::set_counters(int64_t num_updates, int64_t num_samples, int64_t num_refreshes, double mu) {
+  num_updates_ = num_updates;
+  num_samples_ = num_samples;
+  num_refreshes_ = num_refreshes;
+  mu_ = mu;
+  buffered_rows_.clear();
+  buffered_weights_.clear();
+  scale_ = 1.0;
+}
+
+DenseEFIM::Coefficients DenseEFIM::coefficients(int64_t k, bool per_step) const {
+  const double n = static_cast<double>(num_samples_);
+  if (per_step && beta_) return {*beta_, std::vector<double>(k, (1.0 - *beta_) / static_cast<double>(k))};
+  if (!beta_) {
+    if (num_samples_ == 0) return {1.0, std::vector<double>(k, 1.0 / static_cast<double>(k))};
+    return {n / (n + k), std::vector<double>(k, 1.0 / (n + k))};
+  }
+  const double beta = *beta_;
+  std::vector<double> weights(k);
+  for (int64_t i = 0; i < k; ++i) weights[i] = (1.0 - beta) * std::pow(beta, static_cast<double>(k - 1 - i));
+  return {std::pow(beta, static_cast<double>(k)), std::move(weights)};  // the last row is the newest
+}
+
+at::Tensor DenseEFIM::rows(const char* name, const at::Tensor& x, int64_t ndim) const {
+  TORCH_CHECK_VALUE(x.defined(), "DenseEFIM: argument '", name, "' must be a tensor");
+  if (x.dim() != ndim || x.size(-1) != dim_ || x.numel() == 0) {
+    const std::string want = ndim == 1 ? "[" + text(dim_) + "]" : "[k >= 1, " + text(dim_) + "]";
+    TORCH_CHECK_VALUE(false, "DenseEFIM: argument '", name, "' must have shape ", want, ", got ", text(x.sizes()));
+  }
+  TORCH_CHECK_VALUE(x.is_floating_point(), "DenseEFIM: argument '", name, "' must be a floating-point tensor, got ",
+                    c10::toString(x.scalar_type()));
+  at::Tensor out = x.detach().to(options_);
+  TORCH_CHECK_VALUE(at::isfinite(out).all().item<bool>(), "DenseEFIM: argument '", name,
+                    "' contains NaN or infinite values; the state is unchanged");
+  return out;
+}
+
+void DenseEFIM::update(const at::Tensor& g, int64_t batch_size) {
+  TORCH_CHECK_VALUE(batch_size >= 1, "DenseEFIM.update: argument 'batch_size' must be a positive integer, got ",
+                    text(batch_size));
+  at::NoGradGuard no_grad;
+  at::Tensor x = rows("g", g, 1);
+  if (batch_size != 1) x = x * std::sqrt(static_cast<double>(batch_size));
+  const Coefficients c = coefficients(1, false);
+  const double a = c.a, b = c.weights[0];
+  fold_in(x.reshape({1, -1}), a, b, [&] { sherman_morrison_deferred_op().call(A_, pending_, x, a, b, status_); });
+}
+
+void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
+  at::NoGradGuard no_grad;
+  const at::Tensor X = rows("G", G, 2);
+  const int64_t k = X.size(0);
+  const Coefficients c = coefficients(k, per_step);
+  const at::Tensor w = at::tensor(c.weights, at::kDouble).sqrt().to(options_).unsqueeze(1);
+  const at::Tensor H = X * w;
+  fold_in(H, c.a, 1.0, [&] {
+    flush();
+    woodbury_op().call(A_, H, c.a, status_);
+  });
+}
+
+// Applies the in-place update of the inverse, then records the rows for F.
+// The update is skipped when the refresh it triggers rebuilds the inverse from
+// F anyway; when it finds the inverse has lost definiteness (float32 drift) it
+// is retried once on the exactly rebuilt state.
+template <typename Update>
+void DenseEFIM::fold_in(const at::Tensor& rows, double a, double weight, Update&& update) {
+  if (!refresh_follows(a)) {
+    try {
+      update();
+    } catch (const c10::Error& e) {
+      if (is_argument_error(e)) throw;
+      refresh();
+      update();
+    }
+  }
+  remember(rows, a, weight);
+  advance(a, rows.size(0));
+}
+
+void DenseEFIM::remember(const at::Tensor& rows, double a, double weight) {
+  scale_ *= a;
+  // a copy even when the rows are float64 already: F must not see the caller's
+  // later writes to the tensor it passed
+  buffered_rows_.push_back(rows.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true));
+  buffered_weights_.insert(buffered_weights_.end(), rows.size(0), weight / scale_);
+  if (static_cast<int64_t>(buffered_weights_.size()) >= kFoldRows) fold();
+}
+
+void DenseEFIM::fold() {
+  at::NoGradGuard no_grad;
+  if (!buffered_rows_.empty()) {
+    const at::Tensor X = at::cat(buffered_rows_);
+    const at::Tensor w = at::tensor(buffered_weights_, at::kDouble).to(F_.device()) * scale_;
+    F_.mul_(scale_).addmm_(X.mT() * w, X);
+  } else if (scale_ != 1.0) {
+    F_.mul_(scale_);
+  }
+  buffered_rows_.clear();
+  buffered_weights_.clear();
+  scale_ = 1.0;
+}
+
+void DenseEFIM::advance(double a, int64_t k) {
+  ++num_updates_;
+  num_samples_ += k;
+  mu_ *= a;
+  if (mu_ < refresh_below_ * damping_) refresh();
+}
+
+// inverse <- (F + damping I)^-1 exactly (float64 Cholesky), mu <- damping.
+void DenseEFIM::refresh() {
+  fold();
+  at::Tensor D = (F_ + F_.mT()) * 0.5;
+  D.diagonal().add_(damping_);
+  const at::Tensor L = at::linalg_cholesky(D);
+  at::Tensor inv = at::cholesky_inverse(L);
+  inv = inv.tril() + inv.tril(-1).mT();  // exactly symmetric
+  A_.copy_(inv);
+  pending_.copy_(empty_pending());
+  mu_ = damping_;
+  ++num_refreshes_;
+}
+
+void DenseEFIM::flush() { apply_pending_op().call(A_, pending_); }
+
+}  // namespace nhgd::curvature

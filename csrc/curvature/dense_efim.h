@@ -1,0 +1,86 @@
+// The state and update rules of nhgd_ext.curvature.DenseEFIM in C++, so that
+// a pipeline's consumer thread can apply an update without the Python
+// interpreter (and without waiting for the GIL the producer's training loop
+// holds). nhgd_ext/curvature/dense.py documents the math; the Python class
+// keeps its arguments, read-outs and state_dict, and delegates the updates
+// here. nhgd_ext/curvature/_dense_reference.py is the same object in pure
+// PyTorch, for the reference backend and as the test's yardstick.
+//
+// Every kernel is reached through the dispatcher (torch.ops.nhgd_ext.*), so
+// one object serves CPU and CUDA state alike.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace nhgd::curvature {
+
+class DenseEFIM {
+ public:
+  // Rows wait in a buffer and reach the float64 Fisher in one GEMM per this many.
+  static constexpr int64_t kFoldRows = 64;
+
+  // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
+  // unused on the CPU, where the same problems raise.
+  DenseEFIM(int64_t dim, std::optional<double> beta, double damping, double refresh_below, at::ScalarType dtype,
+            at::Device device, std::optional<at::Tensor> status);
+
+  // Back to no samples: F = 0, inverse = I / damping.
+  void reset();
+  // One gradient; a batch mean of `batch_size` samples enters as sqrt(batch_size) g.
+  void update(const at::Tensor& g, int64_t batch_size);
+  // The rows of G (k x d) as k samples, oldest first, in one rank-k step
+  // (`per_step`: one optimizer step's per-sample rows, see dense.py).
+  void update_many(const at::Tensor& G, bool per_step);
+  // Folds the buffered rows into F.
+  void fold();
+  // Writes the pending rank-one update into the inverse.
+  void flush();
+  // After the caller has overwritten inverse, pending and fisher (load_state_dict):
+  // sets the counters and drops the buffered rows.
+  void set_counters(int64_t num_updates, int64_t num_samples, int64_t num_refreshes, double mu);
+
+  // The live state, shared with Python (read them, do not replace them).
+  const at::Tensor& inverse() const { return A_; }
+  const at::Tensor& pending() const { return pending_; }
+  const at::Tensor& fisher() const { return F_; }
+
+  int64_t dim() const { return dim_; }
+  int64_t num_updates() const { return num_updates_; }
+  int64_t num_samples() const { return num_samples_; }
+  int64_t num_refreshes() const { return num_refreshes_; }
+  double mu() const { return mu_; }
+
+ private:
+  struct Coefficients {
+    double a;
+    std::vector<double> weights;  // one per new row
+  };
+  Coefficients coefficients(int64_t k, bool per_step) const;
+  at::Tensor rows(const char* name, const at::Tensor& x, int64_t ndim) const;
+  template <typename Update>
+  void fold_in(const at::Tensor& rows, double a, double weight, Update&& update);
+  void remember(const at::Tensor& rows, double a, double weight);
+  bool refresh_follows(double a) const { return mu_ * a < refresh_below_ * damping_; }
+  void advance(double a, int64_t k);
+  void refresh();
+  at::Tensor empty_pending() const;
+
+  int64_t dim_;
+  std::optional<double> beta_;
+  double damping_, refresh_below_;
+  at::TensorOptions options_;
+  std::optional<at::Tensor> status_;
+
+  at::Tensor A_, pending_, F_;
+  std::vector<at::Tensor> buffered_rows_;  // float64 copies, oldest first
+  std::vector<double> buffered_weights_;   // each row's weight divided by scale_ at its arrival
+  double scale_ = 1.0;                     // product of the a's since the last fold
+  int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0;
+  double mu_ = 0.0;  // the damping the inverse currently includes
+};
+
+}  // namespace nhgd::curvature

@@ -1,0 +1,141 @@
+"""DenseEFIM's state and update rules in pure PyTorch: the same object as the
+compiled ``DenseEFIMCore`` (csrc/curvature/dense_efim.cpp), used where the
+reference operators run, and by the tests as the yardstick the compiled one
+must match. The math is documented in dense.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+
+FOLD_ROWS = 64  # rows reach the float64 Fisher in one GEMM per this many
+
+
+class DenseEFIMCore:
+    def __init__(self, dim: int, beta: float | None, damping: float, refresh_below: float,
+                 dtype: torch.dtype, device: torch.device, status: torch.Tensor | None = None):
+        self.dim, self.beta, self.damping, self.refresh_below = dim, beta, damping, refresh_below
+        self.dtype, self.device, self.status = dtype, device, status
+        self.reset()
+
+    def reset(self) -> None:
+        d = self.dim
+        self.inverse = torch.eye(d, dtype=self.dtype, device=self.device) / self.damping
+        self.pending = ops.new_pending(d, dtype=self.dtype, device=self.device)
+        # float64 whatever the state's dtype: every refresh rebuilds the inverse
+        # from F, so its rounding must not accumulate
+        self.fisher = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self.num_updates = self.num_samples = self.num_refreshes = 0
+        self.mu = self.damping
+        self._clear_buffer()
+
+    def _clear_buffer(self) -> None:
+        # rows[i] enters F with weight scale * weights[i] at the next fold
+        self._rows: list[torch.Tensor] = []
+        self._weights: list[float] = []
+        self._scale = 1.0  # product of the a's since the last fold
+
+    def set_counters(self, num_updates: int, num_samples: int, num_refreshes: int, mu: float) -> None:
+        self.num_updates, self.num_samples, self.num_refreshes, self.mu = num_updates, num_samples, num_refreshes, mu
+        self._clear_buffer()
+
+    def _coefficients(self, k: int, per_step: bool) -> tuple[float, list[float]]:
+        """(a, row weights) that fold k new samples into the damped matrix."""
+        n, beta = self.num_samples, self.beta
+        if per_step and beta is not None:
+            return beta, [(1 - beta) / k] * k
+        if beta is None:
+            return (1.0, [1.0 / k] * k) if n == 0 else (n / (n + k), [1.0 / (n + k)] * k)
+        return beta**k, [(1 - beta) * beta ** (k - 1 - i) for i in range(k)]  # the last row is the newest
+
+    def _checked(self, name: str, x, ndim: int) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"DenseEFIM: argument '{name}' must be a tensor, got {type(x).__name__}")
+        if x.dim() != ndim or x.shape[-1] != self.dim or x.numel() == 0:
+            want = f"[{self.dim}]" if ndim == 1 else f"[k >= 1, {self.dim}]"
+            raise ValueError(f"DenseEFIM: argument '{name}' must have shape {want}, got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
+        x = x.detach().to(device=self.device, dtype=self.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
+        return x
+
+    def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"DenseEFIM.update: argument 'batch_size' must be a positive integer, got {batch_size}")
+        x = self._checked("g", g, 1)
+        if batch_size != 1:
+            x = x * math.sqrt(batch_size)
+        a, (b,) = self._coefficients(1, False)
+        self._fold_in(x.reshape(1, -1), a, b, lambda: ops.sherman_morrison_deferred_(
+            self.inverse, self.pending, x, a, b, status=self.status))
+
+    def update_many(self, G: torch.Tensor, per_step: bool = False) -> None:
+        X = self._checked("G", G, 2)
+        a, w = self._coefficients(X.shape[0], per_step)
+        H = X * torch.tensor(w, dtype=torch.float64).sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
+
+        def woodbury():
+            self.flush()
+            ops.woodbury_(self.inverse, H, a, status=self.status)
+
+        self._fold_in(H, a, 1.0, woodbury)
+
+    def _fold_in(self, rows: torch.Tensor, a: float, weight: float, update) -> None:
+        """Applies the in-place ``update`` of the inverse, then records the rows
+        for F. The update is skipped when the refresh it triggers rebuilds the
+        inverse from F anyway (for a tiny a, say beta**k over a large batch, it
+        would divide the float32 state by a and overflow); when it finds the
+        inverse has lost definiteness (float32 drift) it is retried once on the
+        exactly rebuilt state."""
+        if not self.mu * a < self.refresh_below * self.damping:
+            try:
+                update()
+            except NotImplementedError:  # a missing kernel, nothing a refresh mends
+                raise
+            except RuntimeError:
+                self._refresh()
+                update()
+        self._remember(rows, a, weight)
+        self.num_updates += 1
+        self.num_samples += rows.shape[0]
+        self.mu *= a
+        if self.mu < self.refresh_below * self.damping:
+            self._refresh()
+
+    def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
+        """F <- a F + weight * rows^T rows, deferred to the next fold."""
+        self._scale *= a
+        # a copy even when the rows are float64 already: F must not see the
+        # caller's later writes to the tensor it passed
+        self._rows.append(rows.to(torch.float64, copy=True))
+        self._weights.extend([weight / self._scale] * rows.shape[0])
+        if len(self._weights) >= FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> None:
+        if self._rows:
+            X = torch.cat(self._rows)
+            w = torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device) * self._scale
+            self.fisher.mul_(self._scale).addmm_(X.mT * w, X)
+        elif self._scale != 1.0:
+            self.fisher.mul_(self._scale)
+        self._clear_buffer()
+
+    def _refresh(self) -> None:
+        """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
+        self.fold()
+        D = (self.fisher + self.fisher.mT) * 0.5
+        D.diagonal().add_(self.damping)
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(D))
+        self.inverse.copy_(inv.tril() + inv.tril(-1).mT)  # exactly symmetric
+        self.pending.copy_(ops.new_pending(self.dim, dtype=self.dtype, device=self.device))
+        self.mu = self.damping
+        self.num_refreshes += 1
+
+    def flush(self) -> None:
+        ops.apply_pending_(self.inverse, self.pending)
