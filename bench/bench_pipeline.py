@@ -7,9 +7,11 @@ An inner step (logistic regression, d parameters, its batch sized so that one
 step costs about one DenseEFIM update) is timed over the same steps: SGD
 alone, SGD with the curvature updated synchronously after every step, and
 SGD pushing every gradient into a Pipeline whose consumer updates the
-curvature beside it (the final flush included); then the last two again
-with a curvature that is the rank-one kernel alone ("op only": no Python
-bookkeeping on the consumer); with ``--consumer-process`` also SGD pushing
+curvature beside it (the final flush included; with the compiled extension
+the consumer applies DenseEFIM's updates in C++ without the GIL); then the
+pipelined loop again with the curvature behind a Python wrapper ("consumer
+in Python": each update is a Python call under the GIL, as for any
+curvature without a compiled core); with ``--consumer-process`` also SGD pushing
 to a consumer in a second process (``transport="distributed"``, gloo),
 which shares no GIL with the producer. Reported: wall time of each / SGD alone
 (medians over interleaved repeats), and the producer's time per push.
@@ -32,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nhgd_ext import ops
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline, serve
 
@@ -66,13 +67,13 @@ def run(mode, d, batch, steps, device, slots):
     # The paper's running average (DenseEFIM's default). Warmed up past the
     # early exact refreshes (at 4, 16, 64, 256, 1024 samples; the next is at
     # 4 x WARM_UP), so the timed steps see the steady per-update cost in every mode.
-    if mode.endswith("op only"):
-        cur = _OpOnlyCurvature(d, device)
-    elif mode.endswith("process"):
+    if mode.endswith("process"):
         cur = None  # the consumer process owns it (warmed up the same way there)
     else:
         cur = DenseEFIM(d, device=device)
         cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
+        if mode.endswith("in Python"):
+            cur = _ThroughPython(cur)
     pipelined = mode.startswith("pipelined")
     push_time = 0.0
     if mode.endswith("process"):
@@ -104,25 +105,21 @@ def run(mode, d, batch, steps, device, slots):
     return wall, push_time / steps, route
 
 
-class _OpOnlyCurvature:
-    """The rank-one kernel alone (``sherman_morrison_deferred_`` with fixed
-    coefficients), without DenseEFIM's bookkeeping in Python (checks, the
-    float64 copy of F, counters): separates what the pipeline overlaps from
-    what the consumer's Python costs the producer through the GIL."""
+class _ThroughPython:
+    """The same DenseEFIM, but without its ``compiled_core`` in sight: the
+    consumer calls its ``update`` from Python, under the GIL."""
 
-    def __init__(self, d, device):
-        self.dim = d
-        self.A = torch.eye(d, device=device)
-        self.pending = ops.new_pending(d, device=device)
+    def __init__(self, curvature):
+        self.dim, self._curvature = curvature.dim, curvature
 
     def update(self, g, batch_size=1):
-        ops.sherman_morrison_deferred_(self.A, self.pending, g, 0.999, 0.001)
+        self._curvature.update(g, batch_size)
 
-    def update_many(self, rows, per_step=None):
-        raise NotImplementedError
+    def update_many(self, rows, per_step=False):
+        self._curvature.update_many(rows, per_step=per_step)
 
     def solve(self, v):
-        return v
+        return self._curvature.solve(v)
 
 
 class _NoOpCurvature:
@@ -270,7 +267,7 @@ def measure(args):
     step = statistics.median(run("sgd", d, batch, 200, device, args.slots)[0] for _ in range(3)) / 200
     print(f"d = {d}, device = {device}: one DenseEFIM update in the loop {update * 1e3:.3f} ms, "
           f"one SGD step (batch {batch}) {step * 1e3:.3f} ms")
-    walls = {"sgd": [], "synchronous": [], "pipelined": [], "synchronous, op only": [], "pipelined, op only": []}
+    walls = {"sgd": [], "synchronous": [], "pipelined": [], "pipelined, in Python": []}
     if args.consumer_process:
         walls["pipelined, process"] = []
     pushes, route = [], ""
@@ -282,9 +279,9 @@ def measure(args):
                 pushes.append(push)
                 route = r
     base = statistics.median(walls["sgd"])
-    print(f"{'mode':<22}{'wall (s)':>10}{'/ SGD alone':>13}")
+    print(f"{'mode':<24}{'wall (s)':>10}{'/ SGD alone':>13}")
     for mode, values in walls.items():
-        print(f"{mode:<22}{statistics.median(values):>10.3f}{statistics.median(values) / base:>13.2f}")
+        print(f"{mode:<24}{statistics.median(values):>10.3f}{statistics.median(values) / base:>13.2f}")
     print(f"route {route}; producer's time per push in the pipelined loop (waits on full slots "
           f"included): {statistics.median(pushes) * 1e6:.1f} us")
     print(f"producer's time per push, no slot full: {push_cost(d, device) * 1e6:.1f} us "

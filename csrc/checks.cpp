@@ -249,17 +249,21 @@ std::string text(at::IntArrayRef shape) {
   return out + "]";
 }
 
-void check_finite(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.device().is_cpu(), "check_finite reads values: host tensors only");
+bool all_finite(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.device().is_cpu(), "all_finite reads values: host tensors only");
   const at::Tensor c = t.contiguous();
   std::atomic<bool> finite{true};
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "check_finite", [&] {
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "all_finite", [&] {
     const scalar_t* p = c.data_ptr<scalar_t>();
     at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
       if (!all_finite(p + i0, i1 - i0)) finite = false;
     });
   });
-  TORCH_CHECK_VALUE(finite.load(), op, ": argument '", name, "' contains NaN or infinite values");
+  return finite.load();
+}
+
+void check_finite(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(all_finite(t), op, ": argument '", name, "' contains NaN or infinite values");
 }
 
 }  // namespace nhgd

@@ -54,6 +54,9 @@ std::string text(I v) {
 std::string text(double v);
 std::string text(at::IntArrayRef shape);
 
+// Host tensors only: whether no element is NaN or infinite (one vectorized
+// pass, no mask allocated).
+bool all_finite(const at::Tensor& t);
 // Host tensors only: ValueError naming `name` if any element is NaN or infinite.
 void check_finite(const char* op, const char* name, const at::Tensor& t);
 

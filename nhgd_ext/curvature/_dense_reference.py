@@ -121,7 +121,7 @@ class DenseEFIMCore:
         if self._rows:
             X = torch.cat(self._rows)
             w = torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device) * self._scale
-            self.fisher.mul_(self._scale).addmm_(X.mT * w, X)
+            self.fisher.mul_(self._scale).addmm_(X.mT, X * w.unsqueeze(1))
         elif self._scale != 1.0:
             self.fisher.mul_(self._scale)
         self._clear_buffer()
