@@ -37,5 +37,5 @@ def test_paper_tables(argv, rows):
 
 def test_bench_pipeline():
     printed = _run("bench/bench_pipeline.py", "--dim", "64", "--steps", "20", "--repeats", "1")
-    for mode in ("synchronous", "pipelined", "pipelined, op only"):
+    for mode in ("synchronous", "pipelined", "pipelined, in Python"):
         assert f"\n{mode} " in printed, printed

@@ -5,7 +5,9 @@ consumer thread (C++, csrc/pipeline/) applies them, in order, to the
 curvature on the consumer's device and stream. ``flush`` waits for every
 pushed update, ``solve`` runs on the consumer after them. The result is that
 of calling the curvature's own ``update``/``update_many`` on the same
-gradients in the same order: the consumer calls exactly those methods.
+gradients in the same order: the consumer calls exactly those methods (for a
+curvature with a ``compiled_core``, DenseEFIM's, the C++ methods behind them,
+without taking the GIL).
 
 A Pipeline also has the curvature's interface (``update``, ``update_many``,
 ``solve``, ``reset``, ``state_dict``, ``num_updates``, ...), so an estimator
@@ -32,7 +34,7 @@ _open_pipelines: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _close_all() -> None:
-    # The consumer thread needs the GIL to finish an update; it must not be
+    # The consumer thread may need the GIL to finish a message; it must not be
     # left waiting for it while the interpreter shuts down.
     for pipeline in list(_open_pipelines):
         pipeline._shutdown(drain=False)
