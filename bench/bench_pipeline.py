@@ -202,6 +202,27 @@ def sleeping_producer(d, device, update_cost, steps=200):
     return loop("synchronous") / alone, loop("pipelined") / alone
 
 
+def after_sleep(d, device, pause, n=500):
+    """Median time of a small piece of work (a clone and an add of one
+    gradient) right after sleeping ``pause`` seconds, and in a tight loop: how
+    much slower anything a sleeping producer does after waking runs on this
+    machine, pipeline or not."""
+    g = torch.randn(d, device=device)
+
+    def median(sleep):
+        times = []
+        for _ in range(n):
+            if sleep:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            g.clone().add_(1.0)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return median(True), median(False)
+
+
 def _consumer_process(d: int, runs: int) -> None:
     """Rank 1 of ``--consumer-process``: one warmed-up DenseEFIM served per
     pipelined run, all warmed up before the first (so this process is idle
@@ -289,6 +310,9 @@ def measure(args):
     ratio_sync, ratio_pipe = sleeping_producer(d, device, update)
     print(f"producer that sleeps {update * 1e3:.3f} ms per step instead of computing: "
           f"synchronous / alone {ratio_sync:.2f}, pipelined / alone {ratio_pipe:.2f}")
+    woken, warm = after_sleep(d, device, update)
+    print(f"a clone and an add of one gradient right after such a sleep: {woken * 1e6:.1f} us, "
+          f"in a tight loop: {warm * 1e6:.1f} us")
     if torch.device(device).type == "cpu":
         after = parallelism(d)
         print(f"second core available to this process (2 threads / 1 thread of GIL-free work, "
