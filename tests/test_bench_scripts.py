@@ -39,3 +39,9 @@ def test_bench_pipeline():
     printed = _run("bench/bench_pipeline.py", "--dim", "64", "--steps", "20", "--repeats", "1")
     for mode in ("synchronous", "pipelined", "pipelined, in Python"):
         assert f"\n{mode} " in printed, printed
+
+
+def test_bench_curvature():
+    """The microbenchmarks of DenseEFIM's cores, each run once untimed."""
+    printed = _run("-m", "pytest", "bench/bench_curvature.py", "--benchmark-disable", "-q", "-p", "no:cacheprovider")
+    assert "8 passed" in printed, printed
