@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline, PipelineError, serve
+from nhgd_ext.pipeline.distributed import _pack, _unpack
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -57,6 +58,8 @@ def _exact(rank: int) -> None:
             buf.copy_(G[i])
             pipe.push(buf, batch_size=1 + i % 3)
         assert pipe.num_updates == N == sync.num_updates
+        # the sender fell behind and packed messages into batches: those went through too
+        assert pipe._remote.batches_sent > 0
         assert torch.equal(pipe.solve(v), sync.solve(v)), "pipelined solve differs from the synchronous one"
         assert torch.equal(pipe.inverse, sync.inverse)
 
@@ -129,3 +132,24 @@ def test_two_gloo_processes():
     """20,000 messages bitwise equal to the synchronous run; a consumer error
     reaches the producer; a producer error reaches the consumer."""
     mp.spawn(_worker, args=(_free_port(),), nprocs=2, join=True)
+
+
+def test_a_batch_unpacks_to_its_messages_in_order():
+    """Mixed dtypes, odd sizes (so byte offsets need the padding), one and two
+    tensors, 1-D and 2-D: every tensor comes back bitwise, in order."""
+    g = torch.Generator().manual_seed(5)
+    messages = [
+        (0, 3, 0, [torch.randn(5, generator=g)]),
+        (1, -1, 1, [torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(1, 3, generator=g)]),
+        (0, 1, 1, [torch.randn(7, generator=g), torch.randn(3, 3, generator=g, dtype=torch.float64)]),
+        (1, 1, 0, [torch.randn(2, 5, generator=g, dtype=torch.float64)]),
+    ]
+    index, payload = _pack(messages)
+    got = list(_unpack(len(messages), index, payload))
+    assert len(got) == len(messages)
+    for (op, a, b, tensors), (op2, a2, b2, tensors2) in zip(messages, got):
+        assert (op, a, b) == (op2, a2, b2)
+        assert len(tensors) == len(tensors2)
+        assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(tensors, tensors2))
+    with pytest.raises(ValueError, match="at most two tensors"):
+        _pack([(0, 1, 0, [torch.ones(2)] * 3)])

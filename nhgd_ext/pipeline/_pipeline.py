@@ -98,6 +98,9 @@ class _ConsumerSide:
         self.calls: dict[int, tuple] = {}
         self.results: dict[int, object] = {}
         self.exception: BaseException | None = None
+        # messages pushed (counted by the producer) and handled here: a remote
+        # link batches its sends while more messages wait behind the current one
+        self.published = self.handled = 0
 
     def native_failed(self, kind: str, message: str) -> None:
         """The compiled consumer's update raised: keep an exception of the
@@ -114,12 +117,13 @@ class _ConsumerSide:
                 else:
                     self.results[meta[1]] = self._run_local(what, argument)
             elif self.remote is not None:
-                self.remote.send_update(tensors, meta)
+                self.remote.send_update(tensors, meta, more_queued=self.published - self.handled > 1)
             else:
                 apply_update(self.curvature, self.on_cross, tensors, meta)
         except BaseException as err:
             self.exception = err
             raise
+        self.handled += 1
 
     def _run_local(self, what: str, argument):
         c = self.curvature
@@ -244,7 +248,7 @@ class Pipeline:
         # here on the producer so the next step's pass cannot overwrite it.
         take = getattr(self.curvature, "take_captures", None)
         captures = take() if take is not None else []
-        self._engine_call(self._engine.push, tensors + captures, [kind, second, int(cross is not None), len(captures)])
+        self._push_message(tensors + captures, [kind, second, int(cross is not None), len(captures)])
 
     def flush(self) -> None:
         """Waits until every message pushed so far has been applied (on a GPU,
@@ -354,7 +358,7 @@ class Pipeline:
             tensor = argument if isinstance(argument, torch.Tensor) else torch.zeros(1, device=self.producer)
             self._side.calls[call_id] = (what, argument)
             try:
-                self._engine_call(self._engine.push, [tensor], [CALL, call_id, 0])
+                self._push_message([tensor], [CALL, call_id, 0])
                 self._engine_call(self._engine.flush)
             finally:
                 self._side.calls.pop(call_id, None)
@@ -363,6 +367,10 @@ class Pipeline:
             # Made on the consumer's stream, used on the producer's from now on.
             result.record_stream(torch.cuda.current_stream(result.device))
         return result
+
+    def _push_message(self, tensors, meta) -> None:
+        self._engine_call(self._engine.push, tensors, meta)
+        self._side.published += 1
 
     def _engine_call(self, fn, *args):
         if self._engine is None:
