@@ -20,14 +20,14 @@ link slower than the producer then pays its per-send latency once per batch
 (a gloo send between two processes costs about 0.4 ms on a 2-vCPU VM,
 more than an update). A message with nothing behind it goes at once, so
 none waits for the next push; the consumer applies a batch's messages one
-by one, in order, exactly as if they had come singly. Traffic is one-way except for requests (solve,
-flush of the count, close), which the consumer answers. An error in the
-consumer's update is reported in the answer to the producer's next request
-(``flush``/``solve``/``num_updates``/``close``) and, over gloo, also at once
-on a side channel (its own tag, received by a waiting thread) that the
-producer's sender checks before every send, so the pushes after it arrives
-raise too (NCCL has no tags: there the error waits for the next request).
-The producer's error (``abort``, or an exception leaving its ``with`` block)
+by one, in order, exactly as if they had come singly. Traffic is one-way
+except for requests (solve, flush of the count, close), which the consumer
+answers. An error in the consumer's update is reported in the answer to the
+producer's next request (``flush``/``solve``/``num_updates``/``close``) and,
+over gloo, also at once on a side channel (its own tag, received by a
+waiting thread) that the producer's sender checks before every send, so the
+pushes after it arrives raise too (NCCL has no tags: there the error waits
+for the next request). The producer's error (``abort``, or an exception leaving its ``with`` block)
 makes ``serve`` raise; a producer process that dies makes ``serve``
 raise when the connection drops.
 """
@@ -106,7 +106,7 @@ def _pack(messages) -> list[torch.Tensor]:
             data = t.detach().contiguous().view(-1).view(torch.uint8)
             row += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim()), offset]
             padding = -data.numel() % 8
-            chunks += [data, torch.zeros(padding, dtype=torch.uint8)] if padding else [data]
+            chunks += [data, torch.zeros(padding, dtype=torch.uint8, device=data.device)] if padding else [data]
             offset += data.numel() + padding
         index += row + [0] * (_INDEX_MESSAGE - len(row))
     return [torch.tensor(index, dtype=torch.int64), torch.cat(chunks) if chunks else torch.zeros(1, dtype=torch.uint8)]
