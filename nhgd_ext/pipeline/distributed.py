@@ -27,9 +27,9 @@ producer's next request (``flush``/``solve``/``num_updates``/``close``) and,
 over gloo, also at once on a side channel (its own tag, received by a
 waiting thread) that the producer's sender checks before every send, so the
 pushes after it arrives raise too (NCCL has no tags: there the error waits
-for the next request). The producer's error (``abort``, or an exception leaving its ``with`` block)
-makes ``serve`` raise; a producer process that dies makes ``serve``
-raise when the connection drops.
+for the next request). The producer's error (``abort``, or an exception
+leaving its ``with`` block) makes ``serve`` raise; a producer process that
+dies makes ``serve`` raise when the connection drops.
 """
 
 from __future__ import annotations
