@@ -99,7 +99,7 @@ class DenseEFIM:
     def state_dict(self) -> dict:
         core = self._core
         core.fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
-        state = {"inverse": core.inverse.clone(), "pending": core.pending.clone(), "fisher": core.fisher.clone()}
+        state = {k: getattr(core, k).clone() for k in _STATE_KEYS}
         state.update({k: getattr(core, k) for k in _COUNTER_KEYS})
         state["config"] = self._config()
         return state

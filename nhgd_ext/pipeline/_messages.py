@@ -30,13 +30,14 @@ class PipelineClosed(RuntimeError):
 
 
 def apply_update(curvature, on_cross: Callable | None, tensors: list[torch.Tensor], meta) -> None:
-    """Applies one UPDATE / UPDATE_MANY message on the consumer."""
+    """Applies one UPDATE / UPDATE_MANY message on the consumer (of a CROSS
+    message only its cross term: the compiled consumer applied the update)."""
     kind, batch_size, has_cross = int(meta[0]), int(meta[1]), bool(meta[2])
     n_captures = int(meta[3]) if len(meta) > 3 else 0
     extra = {"captures": tensors[len(tensors) - n_captures:]} if n_captures else {}
     with torch.no_grad():
         if kind == CROSS:
-            pass
+            pass  # the update itself is applied already
         elif kind == UPDATE:
             curvature.update(tensors[0], batch_size=batch_size, **extra)
         elif kind == UPDATE_MANY:

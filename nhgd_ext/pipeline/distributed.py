@@ -48,12 +48,13 @@ _REQUESTS = {"solve": _SOLVE, "reset": _RESET, "num_updates": _NUM_UPDATES, "inv
 _OK, _ERROR = 0, 1
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64]
 _MAX_TENSORS, _MAX_DIMS = 2, 2
-_HEADER = 4 + _MAX_TENSORS * (2 + _MAX_DIMS)  # op/status, a, b, n, then (dtype, ndim, sizes...) per tensor
+_TENSOR_FIELDS = 2 + _MAX_DIMS  # dtype, ndim, sizes (zero-padded)
+_HEADER = 4 + _MAX_TENSORS * _TENSOR_FIELDS  # op/status, a, b, n, then the fields of each tensor
 # A batch: tensors [index (int64), payload (uint8)], a = its message count. The
-# index holds per message [op, a, b, tensor count], then per tensor
-# [dtype, ndim, size 0, size 1, byte offset]; the payload the tensors' bytes.
+# index holds per message its header, then each tensor's byte offset in the
+# payload; the payload the tensors' bytes.
 _BATCH_MESSAGES, _BATCH_BYTES = 64, 1 << 24
-_INDEX_MESSAGE = 4 + _MAX_TENSORS * (3 + _MAX_DIMS)
+_INDEX_MESSAGE = _HEADER + _MAX_TENSORS
 # The side channel: exactly one notice per pipeline, the consumer's error as
 # soon as an update fails, else an empty one when the stream ends.
 _NOTICE_TAG, _NOTICE_BYTES = 7, 2048
@@ -65,17 +66,24 @@ def _wire_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _send(op: int, a: int, b: int, tensors, peer: int, group, wire: torch.device) -> None:
+def _header(op: int, a: int, b: int, tensors) -> list[int]:
+    """A message's header (_HEADER integers); refuses what the format cannot carry."""
     if len(tensors) > _MAX_TENSORS or any(t.dim() > _MAX_DIMS for t in tensors):
         raise ValueError("Pipeline: a message holds at most two tensors of at most two dimensions")
-    header = torch.zeros(_HEADER, dtype=torch.int64)
-    header[:4] = torch.tensor([op, a, b, len(tensors)])
-    for i, t in enumerate(tensors):
-        at = 4 + i * (2 + _MAX_DIMS)
-        header[at] = _DTYPES.index(t.dtype)
-        header[at + 1] = t.dim()
-        header[at + 2:at + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    dist.send(header.to(wire), peer, group=group)
+    header = [op, a, b, len(tensors)]
+    for t in tensors:
+        header += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim())]
+    return header + [0] * (_HEADER - len(header))
+
+
+def _layouts(header: list[int]) -> list[tuple[torch.dtype, list[int]]]:
+    """(dtype, shape) of each tensor a header describes."""
+    fields = (header[4 + i * _TENSOR_FIELDS:4 + (i + 1) * _TENSOR_FIELDS] for i in range(header[3]))
+    return [(_DTYPES[f[0]], f[2:2 + f[1]]) for f in fields]
+
+
+def _send(op: int, a: int, b: int, tensors, peer: int, group, wire: torch.device) -> None:
+    dist.send(torch.tensor(_header(op, a, b, tensors), dtype=torch.int64).to(wire), peer, group=group)
     for t in tensors:
         dist.send(t.contiguous().to(wire), peer, group=group)
 
@@ -85,10 +93,8 @@ def _recv(peer: int, group, wire: torch.device):
     dist.recv(header, peer, group=group)
     h = header.tolist()
     tensors = []
-    for i in range(h[3]):
-        at = 4 + i * (2 + _MAX_DIMS)
-        shape = h[at + 2:at + 2 + h[at + 1]]
-        t = torch.empty(shape, dtype=_DTYPES[h[at]], device=wire)
+    for dtype, shape in _layouts(h):
+        t = torch.empty(shape, dtype=dtype, device=wire)
         dist.recv(t, peer, group=group)
         tensors.append(t)
     return h[0], h[1], h[2], tensors
@@ -99,16 +105,14 @@ def _pack(messages) -> list[torch.Tensor]:
     tensor starts at a multiple of 8 bytes, so each is a view of the payload."""
     index, chunks, offset = [], [], 0
     for op, a, b, tensors in messages:
-        if len(tensors) > _MAX_TENSORS or any(t.dim() > _MAX_DIMS for t in tensors):
-            raise ValueError("Pipeline: a message holds at most two tensors of at most two dimensions")
-        row = [op, a, b, len(tensors)]
+        offsets = []
         for t in tensors:
             data = t.detach().contiguous().view(-1).view(torch.uint8)
-            row += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim()), offset]
+            offsets.append(offset)
             padding = -data.numel() % 8
             chunks += [data, torch.zeros(padding, dtype=torch.uint8, device=data.device)] if padding else [data]
             offset += data.numel() + padding
-        index += row + [0] * (_INDEX_MESSAGE - len(row))
+        index += _header(op, a, b, tensors) + offsets + [0] * (_MAX_TENSORS - len(offsets))
     return [torch.tensor(index, dtype=torch.int64), torch.cat(chunks) if chunks else torch.zeros(1, dtype=torch.uint8)]
 
 
@@ -116,11 +120,9 @@ def _unpack(count: int, index: torch.Tensor, payload: torch.Tensor):
     """The (op, a, b, tensors) messages of a batch, in order (views of payload)."""
     for row in index.view(count, _INDEX_MESSAGE).tolist():
         tensors = []
-        for i in range(row[3]):
-            dtype, ndim, *sizes, offset = row[4 + i * (3 + _MAX_DIMS):4 + (i + 1) * (3 + _MAX_DIMS)]
-            shape = sizes[:ndim]
-            nbytes = _DTYPES[dtype].itemsize * math.prod(shape)
-            tensors.append(payload[offset:offset + nbytes].view(_DTYPES[dtype]).view(shape))
+        for (dtype, shape), offset in zip(_layouts(row[:_HEADER]), row[_HEADER:]):
+            nbytes = dtype.itemsize * math.prod(shape)
+            tensors.append(payload[offset:offset + nbytes].view(dtype).view(shape))
         yield row[0], row[1], row[2], tensors
 
 
