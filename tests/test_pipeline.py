@@ -335,6 +335,7 @@ def test_curvature_interface_reset_and_state(engine):
     ({"transport": "carrier pigeon"}, "transport"),
     ({"consumer": "tpu"}, "consumer"),
     ({"engine": "quantum"}, "engine"),
+    ({"recorder": object()}, "recorder"),
 ])
 def test_bad_arguments_name_themselves(kwargs, match):
     with pytest.raises(ValueError, match=match):

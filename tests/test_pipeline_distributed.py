@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline, PipelineError, serve
-from nhgd_ext.pipeline.distributed import _pack, _unpack
+from nhgd_ext.pipeline.distributed import _header, _pack, _unpack
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -62,6 +62,43 @@ def _exact(rank: int) -> None:
         assert pipe._remote.batches_sent > 0
         assert torch.equal(pipe.solve(v), sync.solve(v)), "pipelined solve differs from the synchronous one"
         assert torch.equal(pipe.inverse, sync.inverse)
+
+
+def _kfac_nhgd(rank: int) -> None:
+    """NHGD with K-FAC in the consumer process: the producer's recorder (a
+    KFAC over its own model, hooks only) sends each step's layer inputs and
+    output gradients with the push; the hypergradients equal the synchronous
+    estimator's bitwise. Also: a tensor the wire cannot carry is refused at
+    the push, and the stream goes on."""
+    from nhgd_ext.curvature import KFAC
+    from nhgd_ext.estimators import NHGD
+    from test_pipeline_nhgd import run_mlp
+
+    def kfac(model, params):
+        return KFAC(model, params=params, beta=0.9, damping=1e-2)
+
+    if rank == 1:
+        # the consumer's KFAC needs the same layers; its model replica never runs
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+        stats = serve(kfac(model, list(model.parameters())), producer_rank=0)
+        assert stats["num_updates"] == 120, stats
+        return
+    sync = run_mlp(lambda m, i, o: NHGD(i, o, curvature=kfac(m, i), cross="trajectory", beta=0.9))
+    pipes = []
+
+    def piped(m, i, o):
+        pipes.append(Pipeline(None, transport="distributed", consumer_rank=1, recorder=kfac(m, i), slots=3))
+        assert not pipes[-1].takes_rows  # as the consumer's K-FAC says
+        return NHGD(i, o, pipeline=pipes[-1], cross="trajectory", beta=0.9)
+
+    got = run_mlp(piped)
+    pipe = pipes[0]
+    with pytest.raises(ValueError, match="'grad' tensors must have .* one of the dtypes"):
+        pipe.push(torch.ones(pipe.dim, dtype=torch.float64).to(torch.float8_e4m3fn))
+    assert pipe.num_updates == 120
+    pipe.close()
+    for a, b in zip(got, sync):
+        assert torch.equal(a, b), (a, b)
 
 
 def _consumer_error(rank: int) -> None:
@@ -116,7 +153,7 @@ def _producer_abort(rank: int) -> None:
 def _all_scenarios(rank: int, port: int) -> None:
     # One pair of processes runs every scenario in turn: starting them is the
     # slow part (importing torch twice).
-    for scenario in (_exact, _consumer_error, _producer_abort):
+    for scenario in (_exact, _kfac_nhgd, _consumer_error, _producer_abort):
         scenario(rank)
 
 
@@ -129,18 +166,21 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_two_gloo_processes():
-    """20,000 messages bitwise equal to the synchronous run; a consumer error
-    reaches the producer; a producer error reaches the consumer."""
+    """20,000 messages bitwise equal to the synchronous run; K-FAC NHGD across
+    the processes equals the synchronous estimator; a consumer error reaches
+    the producer; a producer error reaches the consumer."""
     mp.spawn(_worker, args=(_free_port(),), nprocs=2, join=True)
 
 
 def test_a_batch_unpacks_to_its_messages_in_order():
-    """Mixed dtypes, odd sizes (so byte offsets need the padding), one and two
-    tensors, 1-D and 2-D: every tensor comes back bitwise, in order."""
+    """Mixed dtypes, odd sizes (so byte offsets need the padding), from one to
+    five tensors (a K-FAC step's captures travel as extra tensors), 1-D and
+    2-D: every tensor comes back bitwise, in order."""
     g = torch.Generator().manual_seed(5)
     messages = [
         (0, 3, 0, [torch.randn(5, generator=g)]),
         (1, -1, 1, [torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(1, 3, generator=g)]),
+        (0, 1, 0, [torch.randn(7, generator=g)] + [torch.randn(3, 1 + i, generator=g) for i in range(4)]),
         (0, 1, 1, [torch.randn(7, generator=g), torch.randn(3, 3, generator=g, dtype=torch.float64)]),
         (1, 1, 0, [torch.randn(2, 5, generator=g, dtype=torch.float64)]),
     ]
@@ -151,5 +191,5 @@ def test_a_batch_unpacks_to_its_messages_in_order():
         assert (op, a, b) == (op2, a2, b2)
         assert len(tensors) == len(tensors2)
         assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(tensors, tensors2))
-    with pytest.raises(ValueError, match="at most two tensors"):
-        _pack([(0, 1, 0, [torch.ones(2)] * 3)])
+    with pytest.raises(ValueError, match="at most 2 tensors"):
+        _header(0, 1, 0, [torch.ones(2)] * 3)

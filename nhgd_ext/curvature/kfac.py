@@ -100,6 +100,7 @@ class KFAC:
                 owner[id(layer.module.bias)] = (i, "bias")
         self._owner = [owner.get(id(p)) for p in self.params]
         self._sizes = [p.numel() for p in self.params]
+        self.dim = sum(self._sizes)  # the length of the flat vectors of update and solve
         self._diag = [torch.zeros(p.numel(), dtype=self.dtype, device=self.device) if o is None else None
                       for p, o in zip(self.params, self._owner)]
         self.num_updates = 0

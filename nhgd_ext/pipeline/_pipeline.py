@@ -154,6 +154,10 @@ class Pipeline:
             push and handed back to its update (``captures=``) on the consumer.
             It must live on ``consumer``. For ``transport="distributed"`` it
             lives in the consumer process (see :func:`serve`): pass ``None``.
+        recorder: what records each step's inputs on the producer, if not the
+            curvature itself: for ``transport="distributed"`` with a K-FAC
+            consumer, a :class:`~nhgd_ext.curvature.KFAC` over the producer's
+            model (only its hooks are used: ``take_captures()``, ``paused()``).
         producer, consumer: devices of the pushed gradients and of the curvature.
         slots: messages that may wait for the consumer; ``push`` blocks only
             while all of them are full.
@@ -171,19 +175,24 @@ class Pipeline:
 
     def __init__(self, curvature=None, *, producer="cpu", consumer="cpu", slots: int = 8, transport: str = "local",
                  on_cross: Callable | None = None, consumer_threads: int = 0, engine: str = "auto",
-                 dim: int | None = None, consumer_rank: int = 1, group=None):
+                 dim: int | None = None, consumer_rank: int = 1, group=None, recorder=None):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"Pipeline: argument 'slots' must be a positive integer, got {slots!r}")
         if isinstance(consumer_threads, bool) or not isinstance(consumer_threads, int) or consumer_threads < 0:
             raise ValueError(f"Pipeline: argument 'consumer_threads' must be an integer >= 0, got {consumer_threads!r}")
         if on_cross is not None and not callable(on_cross):
             raise ValueError("Pipeline: argument 'on_cross' must be callable or None")
+        if recorder is not None and not callable(getattr(recorder, "take_captures", None)):
+            raise ValueError(f"Pipeline: argument 'recorder' must have take_captures(); "
+                             f"{type(recorder).__name__} has not")
         self.producer = _device("producer", producer)
         self.transport = transport
         self._lock = threading.RLock()  # one request (flush + solve, ...) at a time
         self._ids = itertools.count()
         self._reported = False
         self._engine = None
+        self._recorder = recorder if recorder is not None else curvature
+        self._check_wire = None  # distributed: refuses at push what the wire cannot carry
         if transport == "local":
             if curvature is None:
                 raise ValueError("Pipeline: argument 'curvature' is required with transport='local'")
@@ -195,7 +204,7 @@ class Pipeline:
             self._side = _ConsumerSide(curvature, on_cross, None)
             engine_consumer = self.consumer
         elif transport == "distributed":
-            from .distributed import RemoteConsumer
+            from .distributed import RemoteConsumer, check_wire_tensors
 
             if curvature is not None:
                 raise ValueError("Pipeline: with transport='distributed' the curvature lives in the consumer "
@@ -204,6 +213,7 @@ class Pipeline:
                 raise ValueError("Pipeline: with transport='distributed' give on_cross to serve() in the consumer process")
             self.curvature, self.on_cross = None, None
             self._remote = RemoteConsumer(self.producer, consumer_rank, group)
+            self._check_wire = check_wire_tensors
             self.consumer = self._remote.consumer_device
             self.dim, self._has_cross_handler = self._remote.dim, self._remote.has_cross_handler
             self._side = _ConsumerSide(None, None, self._remote)
@@ -244,10 +254,15 @@ class Pipeline:
             raise ValueError("Pipeline.push: argument 'per_step' is for per-sample rows ([k, d]) only")
         second = batch_size if grad.dim() == 1 else (-1 if per_step is None else int(bool(per_step)))
         tensors = [grad.detach()] if cross is None else [grad.detach(), cross.detach()]
-        # What the curvature's hooks recorded of this step's pass (K-FAC), taken
-        # here on the producer so the next step's pass cannot overwrite it.
-        take = getattr(self.curvature, "take_captures", None)
+        if self._check_wire is not None:
+            self._check_wire("grad", tensors[:1])
+            self._check_wire("cross", tensors[1:])
+        # What the hooks recorded of this step's pass (K-FAC), taken here on
+        # the producer so the next step's pass cannot overwrite it.
+        take = getattr(self._recorder, "take_captures", None)
         captures = take() if take is not None else []
+        if self._check_wire is not None:
+            self._check_wire("recorder", captures)
         self._push_message(tensors + captures, [kind, second, int(cross is not None), len(captures)])
 
     def flush(self) -> None:
@@ -309,14 +324,16 @@ class Pipeline:
         self.push(rows, cross=cross, per_step=per_step)
 
     def paused(self):
-        """The curvature's ``paused()`` (K-FAC: its hooks record nothing inside)."""
-        paused = getattr(self.curvature, "paused", None)
+        """The recorder's ``paused()`` (K-FAC: its hooks record nothing inside)."""
+        paused = getattr(self._recorder, "paused", None)
         return paused() if paused is not None else contextlib.nullcontext()
 
     @property
     def takes_rows(self) -> bool:
         """Whether the curvature uses per-sample rows (NHGD asks)."""
-        return getattr(self.curvature, "takes_rows", True) if self.curvature is not None else True
+        if self.curvature is None:
+            return self._remote.takes_rows
+        return getattr(self.curvature, "takes_rows", True)
 
     def reset(self) -> None:
         self._request("reset", None)

@@ -12,6 +12,10 @@ Consumer process::
 
     serve(DenseEFIM(d, dtype=torch.float64), producer_rank=0)   # returns at the producer's close()
 
+K-FAC: the consumer serves ``KFAC(replica)`` (a model with the same layers,
+never run there); the producer gives ``recorder=KFAC(model)``, whose hooks
+record each step's layer inputs and output gradients, sent with the push.
+
 The producer side is the local engine whose consumer thread *sends* each
 message instead of applying it, so ``push`` keeps its semantics (copy, return,
 block only on full slots). While more messages wait behind the one being
@@ -47,14 +51,18 @@ _HELLO, _SOLVE, _RESET, _NUM_UPDATES, _INVERSE, _CLOSE, _ABORT, _BATCH = 10, 11,
 _REQUESTS = {"solve": _SOLVE, "reset": _RESET, "num_updates": _NUM_UPDATES, "inverse": _INVERSE, "close": _CLOSE}
 _OK, _ERROR = 0, 1
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64]
-_MAX_TENSORS, _MAX_DIMS = 2, 2
+_MAX_DIMS = 2
 _TENSOR_FIELDS = 2 + _MAX_DIMS  # dtype, ndim, sizes (zero-padded)
-_HEADER = 4 + _MAX_TENSORS * _TENSOR_FIELDS  # op/status, a, b, n, then the fields of each tensor
+# A message sent on its own: a fixed header (op/status, a, b, n, then the
+# fields of each tensor) and at most _MAX_TENSORS tensors. One with more (a
+# K-FAC step's captured layer inputs and output gradients) goes as a batch.
+_MAX_TENSORS = 2
+_HEADER = 4 + _MAX_TENSORS * _TENSOR_FIELDS
 # A batch: tensors [index (int64), payload (uint8)], a = its message count. The
-# index holds per message its header, then each tensor's byte offset in the
-# payload; the payload the tensors' bytes.
+# index holds per message its description (as a header, but only as long as its
+# tensors need), then each tensor's byte offset in the payload; the payload
+# the tensors' bytes.
 _BATCH_MESSAGES, _BATCH_BYTES = 64, 1 << 24
-_INDEX_MESSAGE = _HEADER + _MAX_TENSORS
 # The side channel: exactly one notice per pipeline, the consumer's error as
 # soon as an update fails, else an empty one when the stream ends.
 _NOTICE_TAG, _NOTICE_BYTES = 7, 2048
@@ -66,18 +74,33 @@ def _wire_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _header(op: int, a: int, b: int, tensors) -> list[int]:
-    """A message's header (_HEADER integers); refuses what the format cannot carry."""
-    if len(tensors) > _MAX_TENSORS or any(t.dim() > _MAX_DIMS for t in tensors):
-        raise ValueError("Pipeline: a message holds at most two tensors of at most two dimensions")
-    header = [op, a, b, len(tensors)]
+def check_wire_tensors(name: str, tensors) -> None:
+    """Refuses, before anything is queued, a tensor the wire cannot carry."""
     for t in tensors:
-        header += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim())]
-    return header + [0] * (_HEADER - len(header))
+        if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
+            raise ValueError(f"Pipeline.push: with transport='distributed', '{name}' tensors must have at most "
+                             f"{_MAX_DIMS} dimensions and one of the dtypes {', '.join(map(str, _DTYPES))}; "
+                             f"got {t.dtype} of shape {list(t.shape)}")
+
+
+def _describe(op: int, a: int, b: int, tensors) -> list[int]:
+    """[op, a, b, n, then dtype, ndim and the zero-padded sizes of each tensor]."""
+    fields = [op, a, b, len(tensors)]
+    for t in tensors:
+        fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_DIMS - t.dim())]
+    return fields
+
+
+def _header(op: int, a: int, b: int, tensors) -> list[int]:
+    """A single message's header (_HEADER integers)."""
+    if len(tensors) > _MAX_TENSORS:
+        raise ValueError(f"Pipeline: a message sent on its own holds at most {_MAX_TENSORS} tensors")
+    fields = _describe(op, a, b, tensors)
+    return fields + [0] * (_HEADER - len(fields))
 
 
 def _layouts(header: list[int]) -> list[tuple[torch.dtype, list[int]]]:
-    """(dtype, shape) of each tensor a header describes."""
+    """(dtype, shape) of each tensor a header (or a batch's description) describes."""
     fields = (header[4 + i * _TENSOR_FIELDS:4 + (i + 1) * _TENSOR_FIELDS] for i in range(header[3]))
     return [(_DTYPES[f[0]], f[2:2 + f[1]]) for f in fields]
 
@@ -112,18 +135,22 @@ def _pack(messages) -> list[torch.Tensor]:
             padding = -data.numel() % 8
             chunks += [data, torch.zeros(padding, dtype=torch.uint8, device=data.device)] if padding else [data]
             offset += data.numel() + padding
-        index += _header(op, a, b, tensors) + offsets + [0] * (_MAX_TENSORS - len(offsets))
+        index += _describe(op, a, b, tensors) + offsets
     return [torch.tensor(index, dtype=torch.int64), torch.cat(chunks) if chunks else torch.zeros(1, dtype=torch.uint8)]
 
 
 def _unpack(count: int, index: torch.Tensor, payload: torch.Tensor):
     """The (op, a, b, tensors) messages of a batch, in order (views of payload)."""
-    for row in index.view(count, _INDEX_MESSAGE).tolist():
+    fields, start = index.tolist(), 0
+    for _ in range(count):
+        n = fields[start + 3]
+        offsets_at = start + 4 + n * _TENSOR_FIELDS
         tensors = []
-        for (dtype, shape), offset in zip(_layouts(row[:_HEADER]), row[_HEADER:]):
+        for (dtype, shape), offset in zip(_layouts(fields[start:offsets_at]), fields[offsets_at:offsets_at + n]):
             nbytes = dtype.itemsize * math.prod(shape)
             tensors.append(payload[offset:offset + nbytes].view(dtype).view(shape))
-        yield row[0], row[1], row[2], tensors
+        yield fields[start], fields[start + 1], fields[start + 2], tensors
+        start = offsets_at + n
 
 
 def _text(message: str) -> torch.Tensor:
@@ -176,7 +203,8 @@ class RemoteConsumer:
         self._batch, self._batch_bytes = [], 0  # messages held while more wait behind them
         self.batches_sent = 0
         _, dim, flags, _ = self._exchange(_HELLO, 0, [])
-        self.dim, self.has_cross_handler = dim, bool(flags & 1)
+        # dim 0: the consumer's curvature did not say
+        self.dim, self.has_cross_handler, self.takes_rows = dim or None, bool(flags & 1), bool(flags & 2)
         self.dtype = _DTYPES[flags >> 8] if flags >> 8 < len(_DTYPES) else None
         self.consumer_device = torch.device("cpu")  # the remote curvature's device is not ours to use
         self._notice, self._listener = None, None
@@ -207,7 +235,7 @@ class RemoteConsumer:
         (more messages wait behind it in the engine)."""
         self._raise_if_consumer_failed()
         message = (int(meta[0]), int(meta[1]), int(meta[2]), tensors)
-        if not more_queued and not self._batch:
+        if not more_queued and not self._batch and len(tensors) <= _MAX_TENSORS:
             _send(*message, self.peer, self.group, self.wire)
             return
         self._batch.append(message)
@@ -218,7 +246,7 @@ class RemoteConsumer:
     def _send_batch(self) -> None:
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
-            if len(batch) == 1:
+            if len(batch) == 1 and len(batch[0][3]) <= _MAX_TENSORS:
                 _send(*batch[0], self.peer, self.group, self.wire)
             else:
                 _send(_BATCH, len(batch), 0, _pack(batch), self.peer, self.group, self.wire)
@@ -310,7 +338,8 @@ def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> di
                 messages += 1
                 if failure is None:  # after a failure, keep draining so the producer never blocks
                     try:
-                        apply_update(curvature, on_cross, [t.to(device) for t in parts], [kind, x, y])
+                        # what follows the gradient (and the cross term) is captures
+                        apply_update(curvature, on_cross, [t.to(device) for t in parts], [kind, x, y, len(parts) - 1 - y])
                     except Exception as err:  # noqa: BLE001 - reported to the producer, then raised here
                         failure, failed_at = err, messages
                         notify(f"the update failed: {type(err).__name__}: {err}")
@@ -326,7 +355,8 @@ def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> di
         try:
             with torch.no_grad():
                 if op == _HELLO:
-                    reply(_OK, int(getattr(curvature, "dim", 0) or 0), int(on_cross is not None) | (dtype_code << 8))
+                    flags = int(on_cross is not None) | int(getattr(curvature, "takes_rows", True)) << 1
+                    reply(_OK, int(getattr(curvature, "dim", 0) or 0), flags | (dtype_code << 8))
                 elif op == _SOLVE:
                     reply(_OK, tensors=[curvature.solve(tensors[0].to(device))])
                 elif op == _RESET:
