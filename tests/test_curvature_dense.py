@@ -65,6 +65,27 @@ def test_updates_match_float64_inverse(device, dtype, d, beta):
     assert rel_err(A, ref.inverse(c.mu)) < 50 * tol(dtype, d, 30)
 
 
+@pytest.mark.parametrize("beta", [None, 0.9], ids=["running", "ema"])
+@pytest.mark.parametrize("d", [1, 5, 31, 64])
+def test_state_fisher_is_the_float64_average(d, beta):
+    """The kept F (its lower triangle folded in strips, every few rows) read
+    out whole and symmetric: the float64 average of x x^T, across several
+    folds and a refresh, after single updates and a rank-5 step."""
+    c = DenseEFIM(d, beta=beta, damping=0.05, dtype=torch.float64)
+    ref = Reference(d, beta)
+    G = grads(45, d, seed=2 * d + 1)
+    for t in range(40):
+        c.update(G[t])
+        ref.add(G[t])
+    c.update_many(G[40:], per_step=False)
+    for x in G[40:]:
+        ref.add(x)
+    F = c.state_dict()["fisher"]
+    assert torch.equal(F, F.mT)
+    assert rel_err(F, ref.F) < 1e-13
+    assert c.num_refreshes >= 1
+
+
 @pytest.mark.parametrize("beta", [None, 0.95], ids=["running", "ema"])
 def test_update_many_equals_sequential_updates(beta):
     d = 17

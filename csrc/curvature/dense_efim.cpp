@@ -37,6 +37,14 @@ const auto& apply_pending_op() {
   return op;
 }
 
+// floor(sqrt(n)), exactly (the Python twin uses math.isqrt).
+int64_t integer_sqrt(int64_t n) {
+  auto r = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
+  while (r * r > n) --r;
+  while ((r + 1) * (r + 1) <= n) ++r;
+  return r;
+}
+
 // Errors that say the arguments were wrong (Python's ValueError, TypeError,
 // ...) as opposed to a kernel finding the state no longer definite.
 bool is_argument_error(const c10::Error& e) {
@@ -179,7 +187,18 @@ void DenseEFIM::fold() {
     const at::Tensor w = at::tensor(buffered_weights_, at::kDouble).to(F_.device()) * scale_;
     // X^T (w X): scaling the rows of X is one contiguous pass (X^T scaled by
     // columns is a strided one, several times slower)
-    F_.mul_(scale_).addmm_(X.mT(), X * w.unsqueeze(1));
+    const at::Tensor Xw = X * w.unsqueeze(1);
+    // Row strips of the lower triangle, the scaling of F inside each GEMM.
+    // Strip j ends at floor(d sqrt((j+1)/S)): every strip has about the same area.
+    int64_t start = 0;
+    for (int64_t j = 1; j <= kFoldStrips; ++j) {
+      const int64_t end = integer_sqrt(dim_ * dim_ * j / kFoldStrips);
+      if (end > start) {
+        F_.narrow(0, start, end - start).narrow(1, 0, end).addmm_(X.narrow(1, start, end - start).mT(),
+                                                                   Xw.narrow(1, 0, end), scale_);
+      }
+      start = end;
+    }
   } else if (scale_ != 1.0) {
     F_.mul_(scale_);
   }
@@ -198,7 +217,7 @@ void DenseEFIM::advance(double a, int64_t k) {
 // inverse <- (F + damping I)^-1 exactly (float64 Cholesky), mu <- damping.
 void DenseEFIM::refresh() {
   fold();
-  at::Tensor D = (F_ + F_.mT()) * 0.5;
+  at::Tensor D = F_.tril() + F_.tril(-1).mT();
   D.diagonal().add_(damping_);
   const at::Tensor L = at::linalg_cholesky(D);
   at::Tensor inv = at::cholesky_inverse(L);

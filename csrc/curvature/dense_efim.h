@@ -20,8 +20,12 @@ namespace nhgd::curvature {
 
 class DenseEFIM {
  public:
-  // Rows wait in a buffer and reach the float64 Fisher in one GEMM per this many.
-  static constexpr int64_t kFoldRows = 64;
+  // Rows wait in a buffer and reach the float64 Fisher per this many, in
+  // kFoldStrips GEMMs over the lower triangle (F is symmetric: only its lower
+  // triangle is kept current). Few rows per fold keep each fold short: a
+  // pipeline's consumer then never falls more than a few messages behind.
+  static constexpr int64_t kFoldRows = 16;
+  static constexpr int64_t kFoldStrips = 4;
 
   // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
   // unused on the CPU, where the same problems raise.
@@ -46,6 +50,7 @@ class DenseEFIM {
   // The live state, shared with Python (read them, do not replace them).
   const at::Tensor& inverse() const { return A_; }
   const at::Tensor& pending() const { return pending_; }
+  // Only the lower triangle is current (see kFoldRows).
   const at::Tensor& fisher() const { return F_; }
 
   int64_t dim() const { return dim_; }

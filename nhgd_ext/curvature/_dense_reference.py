@@ -11,7 +11,9 @@ import torch
 
 from .. import ops
 
-FOLD_ROWS = 64  # rows reach the float64 Fisher in one GEMM per this many
+# Rows reach the float64 Fisher per FOLD_ROWS, in FOLD_STRIPS GEMMs over its
+# lower triangle (the only part kept current); see dense_efim.h.
+FOLD_ROWS, FOLD_STRIPS = 16, 4
 
 
 class DenseEFIMCore:
@@ -121,7 +123,13 @@ class DenseEFIMCore:
         if self._rows:
             X = torch.cat(self._rows)
             w = torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device) * self._scale
-            self.fisher.mul_(self._scale).addmm_(X.mT, X * w.unsqueeze(1))
+            Xw = X * w.unsqueeze(1)
+            d, start = self.dim, 0
+            for j in range(1, FOLD_STRIPS + 1):
+                end = math.isqrt(d * d * j // FOLD_STRIPS)  # strips of about equal area
+                if end > start:
+                    self.fisher[start:end, :end].addmm_(X[:, start:end].mT, Xw[:, :end], beta=self._scale)
+                start = end
         elif self._scale != 1.0:
             self.fisher.mul_(self._scale)
         self._clear_buffer()
@@ -129,7 +137,7 @@ class DenseEFIMCore:
     def _refresh(self) -> None:
         """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
         self.fold()
-        D = (self.fisher + self.fisher.mT) * 0.5
+        D = self.fisher.tril() + self.fisher.tril(-1).mT
         D.diagonal().add_(self.damping)
         inv = torch.cholesky_inverse(torch.linalg.cholesky(D))
         self.inverse.copy_(inv.tril() + inv.tril(-1).mT)  # exactly symmetric

@@ -9,7 +9,7 @@ exponential moving average (factor ``beta``, paper App. E), and
 
 Every update scales the damped matrix by a < 1, so the damping term mu decays
 with it; when it has fallen to ``refresh_below * damping`` the inverse is
-rebuilt exactly from F, kept alongside in the same dtype, as
+rebuilt exactly from F, kept alongside in float64 (its lower triangle), as
 (F + damping I)^-1 through a float64 Cholesky factorization. That restores
 mu = damping, resets the drift of the float32 rank-one updates, and is
 counted in ``num_refreshes``. Running averages need a refresh only when the
@@ -100,6 +100,8 @@ class DenseEFIM:
         core = self._core
         core.fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
         state = {k: getattr(core, k).clone() for k in _STATE_KEYS}
+        F = state["fisher"]  # the core keeps its lower triangle current
+        state["fisher"] = F.tril() + F.tril(-1).mT
         state.update({k: getattr(core, k) for k in _COUNTER_KEYS})
         state["config"] = self._config()
         return state
