@@ -102,12 +102,19 @@ def test_dense_efim_updates_bitwise_equal_to_synchronous(engine):
             sync.update(G[i], batch_size=1 + i % 4)
     piped = DenseEFIM(d, beta=0.995, dtype=torch.float64)
     buf = torch.empty(d, dtype=torch.float64)
+    # Tensors the compiled host route cannot copy as plain bytes: strided,
+    # and with a pending negation (it copies those through a typed view).
+    by_column = G.mT.contiguous()
     with Pipeline(piped, slots=8, engine=engine, consumer_threads=1) as p:
         for i in range(n):
             if i % 2000 == 999:
                 p.update_many(G[i - 3:i + 1].clone(), per_step=True)
             elif i % 1000 == 999:
-                p.update_many(G[i - 3:i + 1].clone())
+                p.update_many(by_column[:, i - 3:i + 1].mT)
+            elif i % 7 == 3:
+                p.update(by_column[:, i], batch_size=1 + i % 4)
+            elif i % 7 == 5:
+                p.update(torch._neg_view(-G[i]), batch_size=1 + i % 4)
             else:
                 buf.copy_(G[i])
                 p.update(buf, batch_size=1 + i % 4)

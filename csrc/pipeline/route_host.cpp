@@ -3,6 +3,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstddef>
+#include <cstring>
+
 namespace nhgd::pipeline {
 
 std::vector<TensorLayout> pack_layout(const std::vector<at::Tensor>& tensors, int64_t& total) {
@@ -24,6 +27,13 @@ at::Tensor slot_view(const at::Tensor& bytes, const TensorLayout& layout) {
 
 namespace {
 
+// A plain host tensor moves with one memcpy: building a typed view of the slot
+// (three dispatcher calls) costs several times the copy of a gradient (about
+// 14 us against under 1 us for 4 KiB, measured right after a training step).
+bool plain_bytes(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.is_contiguous() && !t.is_conj() && !t.is_neg();
+}
+
 class HostRoute final : public Route {
  public:
   std::string name() const override { return "host"; }
@@ -37,7 +47,15 @@ class HostRoute final : public Route {
       // Grown, never shrunk: a stream of equal-sized messages allocates once per slot.
       slot.bytes = at::empty({std::max<int64_t>(total, kSlotAlignment)}, at::kByte);
     }
-    for (size_t i = 0; i < tensors.size(); ++i) slot_view(slot.bytes, layout[i]).copy_(tensors[i]);
+    auto* base = static_cast<std::byte*>(slot.bytes.data_ptr());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      if (!plain_bytes(t)) {
+        slot_view(slot.bytes, layout[i]).copy_(t);
+      } else if (layout[i].nbytes > 0) {
+        std::memcpy(base + layout[i].offset, t.const_data_ptr(), static_cast<size_t>(layout[i].nbytes));
+      }
+    }
     slot.layout = std::move(layout);
   }
 
@@ -46,9 +64,14 @@ class HostRoute final : public Route {
   std::vector<at::Tensor> take(Slot& slot) override {
     // Copies, not views: the update may keep its input (DenseEFIM keeps rows
     // for its next fold) while the slot is refilled.
+    const auto* base = static_cast<const std::byte*>(slot.bytes.const_data_ptr());
     std::vector<at::Tensor> out;
     out.reserve(slot.layout.size());
-    for (const auto& l : slot.layout) out.push_back(slot_view(slot.bytes, l).clone());
+    for (const auto& l : slot.layout) {
+      at::Tensor t = at::empty(l.sizes, at::TensorOptions().dtype(l.dtype));
+      if (l.nbytes > 0) std::memcpy(t.data_ptr(), base + l.offset, static_cast<size_t>(l.nbytes));
+      out.push_back(std::move(t));
+    }
     return out;
   }
 
