@@ -305,11 +305,6 @@ def measure(args):
         after = parallelism(d)
         print(f"second core available to this process (2 threads / 1 thread of GIL-free work, "
               f"measured before and after): {before:.2f}, {after:.2f}")
-        # Perfect overlap still needs the synchronous loop's work done by the
-        # cores this process gets, and each side's own share.
-        sync_ratio = statistics.median(walls["synchronous"]) / base
-        bound = max(1.0, sync_ratio - 1.0, sync_ratio / ((before + after) / 2))
-        print(f"lowest pipelined / SGD alone that these cores allow (synchronous / mean of the probes): {bound:.2f}")
 
 
 if __name__ == "__main__":
