@@ -189,7 +189,7 @@ void DenseEFIM::fold() {
     // columns is a strided one, several times slower)
     const at::Tensor Xw = X * w.unsqueeze(1);
     // Row strips of the lower triangle, the scaling of F inside each GEMM.
-    // Strip j ends at floor(d sqrt((j+1)/S)): every strip has about the same area.
+    // Strip j = 1..S ends at row floor(d sqrt(j / S)): the strips have about equal areas.
     int64_t start = 0;
     for (int64_t j = 1; j <= kFoldStrips; ++j) {
       const int64_t end = integer_sqrt(dim_ * dim_ * j / kFoldStrips);

@@ -22,8 +22,9 @@ class DenseEFIM {
  public:
   // Rows wait in a buffer and reach the float64 Fisher per this many, in
   // kFoldStrips GEMMs over the lower triangle (F is symmetric: only its lower
-  // triangle is kept current). Few rows per fold keep each fold short: a
-  // pipeline's consumer then never falls more than a few messages behind.
+  // triangle is kept current). Few rows per fold keep each fold short (at
+  // d = 1024 about four updates' time, not fifteen), so a pipeline's few
+  // slots absorb the delay it gives the consumer.
   static constexpr int64_t kFoldRows = 16;
   static constexpr int64_t kFoldStrips = 4;
 

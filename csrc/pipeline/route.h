@@ -45,8 +45,11 @@ constexpr int64_t kSlotAlignment = 64;  // bytes: every dtype's view of the buff
 // Offsets of `tensors` packed one after another; the total size in `total`.
 std::vector<TensorLayout> pack_layout(const std::vector<at::Tensor>& tensors, int64_t& total);
 
-// The typed view of one tensor inside a slot's buffer.
-at::Tensor slot_view(const at::Tensor& bytes, const TensorLayout& layout);
+// The CPU side's copies into a slot in host memory (pageable or pinned) and
+// out of it into fresh host tensors; the caller orders them after any device
+// work on the slot.
+void copy_into_host_slot(Slot& slot, const std::vector<TensorLayout>& layout, const std::vector<at::Tensor>& tensors);
+std::vector<at::Tensor> copy_out_of_host_slot(const Slot& slot);
 
 class Route {
  public:

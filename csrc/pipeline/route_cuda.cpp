@@ -140,7 +140,7 @@ class CudaRoute final : public Route {
         ev.released_pending = false;
       }
       grow(slot, ev, total);
-      for (size_t i = 0; i < tensors.size(); ++i) slot_view(slot.bytes, layout[i]).copy_(tensors[i]);
+      copy_into_host_slot(slot, layout, tensors);
       ev.filled_pending = false;
     }
     slot.layout = std::move(layout);
@@ -148,28 +148,27 @@ class CudaRoute final : public Route {
 
   std::vector<at::Tensor> take(Slot& slot) override {
     SlotEvents& ev = events_of(slot);
+    if (!consumer_.is_cuda()) {
+      if (ev.filled_pending) ev.filled.synchronize();
+      return copy_out_of_host_slot(slot);
+    }
     std::vector<at::Tensor> out;
     out.reserve(slot.layout.size());
-    if (consumer_.is_cuda()) {
-      c10::cuda::CUDAGuard guard(consumer_.index());
-      // Allocated while the copy stream is current: the caching allocator
-      // then knows which stream writes them (recordStream below adds the reader).
-      c10::cuda::CUDAStreamGuard on_copy(*copy_);
-      if (ev.filled_pending) ev.filled.block(*copy_);
-      const auto* base = static_cast<const uint8_t*>(slot.bytes.data_ptr());
-      for (const auto& l : slot.layout) {
-        auto t = at::empty(l.sizes, at::TensorOptions().dtype(l.dtype).device(consumer_));
-        copy_bytes(t.data_ptr(), base + l.offset, l.nbytes, *copy_);
-        out.push_back(std::move(t));
-      }
-      ev.released.record(*copy_);
-      ev.released_pending = true;
-      ev.released.block(*compute_);
-      for (const auto& t : out) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *compute_);
-    } else {
-      if (ev.filled_pending) ev.filled.synchronize();
-      for (const auto& l : slot.layout) out.push_back(slot_view(slot.bytes, l).clone());
+    c10::cuda::CUDAGuard guard(consumer_.index());
+    // Allocated while the copy stream is current: the caching allocator
+    // then knows which stream writes them (recordStream below adds the reader).
+    c10::cuda::CUDAStreamGuard on_copy(*copy_);
+    if (ev.filled_pending) ev.filled.block(*copy_);
+    const auto* base = static_cast<const uint8_t*>(slot.bytes.data_ptr());
+    for (const auto& l : slot.layout) {
+      auto t = at::empty(l.sizes, at::TensorOptions().dtype(l.dtype).device(consumer_));
+      copy_bytes(t.data_ptr(), base + l.offset, l.nbytes, *copy_);
+      out.push_back(std::move(t));
     }
+    ev.released.record(*copy_);
+    ev.released_pending = true;
+    ev.released.block(*compute_);
+    for (const auto& t : out) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *compute_);
     return out;
   }
 

@@ -21,11 +21,12 @@ std::vector<TensorLayout> pack_layout(const std::vector<at::Tensor>& tensors, in
   return layout;
 }
 
+namespace {
+
+// The typed view of one tensor inside a slot's buffer.
 at::Tensor slot_view(const at::Tensor& bytes, const TensorLayout& layout) {
   return bytes.narrow(0, layout.offset, layout.nbytes).view(layout.dtype).view(layout.sizes);
 }
-
-namespace {
 
 // A plain host tensor moves with one memcpy: building a typed view of the slot
 // (three dispatcher calls) costs several times the copy of a gradient (about
@@ -33,6 +34,34 @@ namespace {
 bool plain_bytes(const at::Tensor& t) {
   return t.layout() == at::kStrided && t.is_contiguous() && !t.is_conj() && !t.is_neg();
 }
+
+}  // namespace
+
+void copy_into_host_slot(Slot& slot, const std::vector<TensorLayout>& layout, const std::vector<at::Tensor>& tensors) {
+  auto* base = static_cast<std::byte*>(slot.bytes.data_ptr());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!plain_bytes(t)) {
+      slot_view(slot.bytes, layout[i]).copy_(t);
+    } else if (layout[i].nbytes > 0) {
+      std::memcpy(base + layout[i].offset, t.const_data_ptr(), static_cast<size_t>(layout[i].nbytes));
+    }
+  }
+}
+
+std::vector<at::Tensor> copy_out_of_host_slot(const Slot& slot) {
+  const auto* base = static_cast<const std::byte*>(slot.bytes.const_data_ptr());
+  std::vector<at::Tensor> out;
+  out.reserve(slot.layout.size());
+  for (const auto& l : slot.layout) {
+    at::Tensor t = at::empty(l.sizes, at::TensorOptions().dtype(l.dtype));
+    if (l.nbytes > 0) std::memcpy(t.data_ptr(), base + l.offset, static_cast<size_t>(l.nbytes));
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+namespace {
 
 class HostRoute final : public Route {
  public:
@@ -47,15 +76,7 @@ class HostRoute final : public Route {
       // Grown, never shrunk: a stream of equal-sized messages allocates once per slot.
       slot.bytes = at::empty({std::max<int64_t>(total, kSlotAlignment)}, at::kByte);
     }
-    auto* base = static_cast<std::byte*>(slot.bytes.data_ptr());
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      const at::Tensor& t = tensors[i];
-      if (!plain_bytes(t)) {
-        slot_view(slot.bytes, layout[i]).copy_(t);
-      } else if (layout[i].nbytes > 0) {
-        std::memcpy(base + layout[i].offset, t.const_data_ptr(), static_cast<size_t>(layout[i].nbytes));
-      }
-    }
+    copy_into_host_slot(slot, layout, tensors);
     slot.layout = std::move(layout);
   }
 
@@ -64,15 +85,7 @@ class HostRoute final : public Route {
   std::vector<at::Tensor> take(Slot& slot) override {
     // Copies, not views: the update may keep its input (DenseEFIM keeps rows
     // for its next fold) while the slot is refilled.
-    const auto* base = static_cast<const std::byte*>(slot.bytes.const_data_ptr());
-    std::vector<at::Tensor> out;
-    out.reserve(slot.layout.size());
-    for (const auto& l : slot.layout) {
-      at::Tensor t = at::empty(l.sizes, at::TensorOptions().dtype(l.dtype));
-      if (l.nbytes > 0) std::memcpy(t.data_ptr(), base + l.offset, static_cast<size_t>(l.nbytes));
-      out.push_back(std::move(t));
-    }
-    return out;
+    return copy_out_of_host_slot(slot);
   }
 
   void run_on_consumer(const std::function<void()>& fn) override { fn(); }
