@@ -160,7 +160,9 @@ class Pipeline:
             model (only its hooks are used: ``take_captures()``, ``paused()``).
         producer, consumer: devices of the pushed gradients and of the curvature.
         slots: messages that may wait for the consumer; ``push`` blocks only
-            while all of them are full.
+            while all of them are full. Enough slots absorb the consumer's
+            longer updates (a DenseEFIM fold, every 16 rows, takes a few
+            updates' time).
         transport: ``"local"`` (a consumer thread in this process) or
             ``"distributed"`` (a consumer process reached by ``torch.distributed``;
             then ``consumer_rank`` and ``group`` say where).
