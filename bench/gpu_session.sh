@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session in one command (the device machine runs commands <= 10 min):
 # compile the extension with the CUDA kernels for the local GPU, run the whole
-# test suite on the CUDA backend (GPU tests included), then the op benchmarks.
+# test suite on the CUDA backend (GPU tests included), then the op benchmarks
+# and the pipeline benchmark on the GPU.
 # Logs go to $OUT (default /tmp/nhgd_gpu). Usage: bash bench/gpu_session.sh [pytest args]
 set -uo pipefail
 OUT="${OUT:-/tmp/nhgd_gpu}"
@@ -29,5 +30,7 @@ if [ -z "${NHGD_SKIP_BENCH:-}" ]; then
   "$PY" -m pytest bench/bench_ops.py --benchmark-only -q -p no:cacheprovider -k "${NHGD_BENCH_K:-cuda}" \
     --benchmark-columns=min,median,mean,rounds --benchmark-sort=name \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
+  # The pipeline on one GPU (the consumer on its own stream), issue 6's GPU figure.
+  "$PY" bench/bench_pipeline.py --device cuda --repeats 5 2>&1 | tee "$OUT/bench_pipeline.log"
 fi
 exit "$test_rc"
