@@ -110,3 +110,30 @@ def test_pipelined_kfac_nhgd_equals_synchronous(engine, cross):
     pipes[0].close()
     for a, b in zip(got, sync):
         assert torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("engine", ["compiled", "python"])
+def test_a_separate_recorder_feeds_a_kfac_built_on_a_replica(engine):
+    """recorder=: the producer's KFAC only records (its hooks); the consumer's
+    KFAC, built on a replica of the layers that never runs, is updated with
+    what it recorded. The same as the synchronous estimator, bit for bit."""
+    from nhgd_ext import _build
+    from nhgd_ext.curvature import KFAC
+
+    if engine == "compiled" and _build.backend() != "cpp":
+        pytest.skip("the compiled engine needs the built extension")
+    kfac = lambda model, i: KFAC(model, params=i, beta=0.9, damping=1e-2)  # noqa: E731
+    sync = run_mlp(lambda m, i, o: NHGD(i, o, curvature=kfac(m, i), beta=0.9))
+    pipes = []
+
+    def piped(m, i, o):
+        replica = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+        pipes.append(Pipeline(kfac(replica, list(replica.parameters())), recorder=kfac(m, i), slots=3, engine=engine))
+        return NHGD(i, o, pipeline=pipes[-1], beta=0.9)
+
+    got = run_mlp(piped)
+    assert not pipes[0].takes_rows
+    assert pipes[0].num_updates == 120
+    pipes[0].close()
+    for a, b in zip(got, sync):
+        assert torch.equal(a, b), (a, b)
