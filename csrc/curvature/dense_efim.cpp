@@ -30,6 +30,13 @@ const auto& woodbury_op() {
   return op;
 }
 
+const auto& symmetrize_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nhgd_ext::symmetrize_", "")
+                             .typed<void(const at::Tensor&)>();
+  return op;
+}
+
 const auto& apply_pending_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("nhgd_ext::apply_pending_", "")
@@ -217,11 +224,12 @@ void DenseEFIM::advance(double a, int64_t k) {
 // inverse <- (F + damping I)^-1 exactly (float64 Cholesky), mu <- damping.
 void DenseEFIM::refresh() {
   fold();
-  at::Tensor D = F_.tril() + F_.tril(-1).mT();
+  at::Tensor D = F_.clone();  // only its lower triangle is current
+  symmetrize_op().call(D);
   D.diagonal().add_(damping_);
   const at::Tensor L = at::linalg_cholesky(D);
-  at::Tensor inv = at::cholesky_inverse(L);
-  inv = inv.tril() + inv.tril(-1).mT();  // exactly symmetric
+  at::Tensor inv = at::cholesky_inverse(L).contiguous();  // LAPACK may hand it back column-major
+  symmetrize_op().call(inv);  // exactly symmetric
   A_.copy_(inv);
   pending_.copy_(empty_pending());
   mu_ = damping_;

@@ -137,10 +137,10 @@ class DenseEFIMCore:
     def _refresh(self) -> None:
         """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
         self.fold()
-        D = self.fisher.tril() + self.fisher.tril(-1).mT
+        D = ops.symmetrize_(self.fisher.clone())  # only its lower triangle is current
         D.diagonal().add_(self.damping)
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(D))
-        self.inverse.copy_(inv.tril() + inv.tril(-1).mT)  # exactly symmetric
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(D)).contiguous()  # LAPACK may hand it back column-major
+        self.inverse.copy_(ops.symmetrize_(inv))  # exactly symmetric
         self.pending.copy_(ops.new_pending(self.dim, dtype=self.dtype, device=self.device))
         self.mu = self.damping
         self.num_refreshes += 1

@@ -100,8 +100,7 @@ class DenseEFIM:
         core = self._core
         core.fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
         state = {k: getattr(core, k).clone() for k in _STATE_KEYS}
-        F = state["fisher"]  # the core keeps its lower triangle current
-        state["fisher"] = F.tril() + F.tril(-1).mT
+        ops.symmetrize_(state["fisher"])  # the core keeps its lower triangle current
         state.update({k: getattr(core, k) for k in _COUNTER_KEYS})
         state["config"] = self._config()
         return state

@@ -211,8 +211,8 @@ class KFAC:
                 D = factor.to(torch.float64)
                 D = 0.5 * (D + D.mT)
                 D.diagonal().add_(self._root)
-                inv = torch.cholesky_inverse(torch.linalg.cholesky(D))
-                inverse.copy_(inv.tril() + inv.tril(-1).mT)
+                inv = torch.cholesky_inverse(torch.linalg.cholesky(D)).contiguous()  # column-major from LAPACK
+                inverse.copy_(ops.symmetrize_(inv))  # exactly symmetric
         self.mu = self._root
         self.num_refreshes += 1
 
