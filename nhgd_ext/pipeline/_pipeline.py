@@ -194,6 +194,8 @@ class Pipeline:
         self._reported = False
         self._engine = None
         self._recorder = recorder if recorder is not None else curvature
+        # what records each step's pass (K-FAC's hooks), looked up once: push is the hot path
+        self._take_captures = getattr(self._recorder, "take_captures", None)
         self._check_wire = None  # distributed: refuses at push what the wire cannot carry
         if transport == "local":
             if curvature is None:
@@ -261,8 +263,7 @@ class Pipeline:
             self._check_wire("cross", tensors[1:])
         # What the hooks recorded of this step's pass (K-FAC), taken here on
         # the producer so the next step's pass cannot overwrite it.
-        take = getattr(self._recorder, "take_captures", None)
-        captures = take() if take is not None else []
+        captures = self._take_captures() if self._take_captures is not None else []
         if self._check_wire is not None:
             self._check_wire("recorder", captures)
         self._push_message(tensors + captures, [kind, second, int(cross is not None), len(captures)])
