@@ -86,6 +86,23 @@ def test_state_fisher_is_the_float64_average(d, beta):
     assert c.num_refreshes >= 1
 
 
+def test_fisher_stays_finite_between_rare_refreshes():
+    """F's scaling is kept aside between refreshes (a factor 0.5 per update
+    here, none of them refreshing for 990 updates), while large gradients
+    enter with weights divided by it: F must neither overflow nor drift."""
+    d = 7
+    c = DenseEFIM(d, beta=0.5, damping=1e8, refresh_below=1e-300, dtype=torch.float64)
+    ref = Reference(d, 0.5)
+    G = grads(990, d, seed=5) * 1e6
+    for g in G:
+        c.update(g)
+        ref.add(g)
+    assert c.num_refreshes == 0
+    F = c.state_dict()["fisher"]
+    assert bool(torch.isfinite(F).all())
+    assert rel_err(F, ref.F) < 1e-13
+
+
 @pytest.mark.parametrize("beta", [None, 0.95], ids=["running", "ema"])
 def test_update_many_equals_sequential_updates(beta):
     d = 17

@@ -179,38 +179,47 @@ void DenseEFIM::fold_in(const at::Tensor& rows, double a, double weight, Update&
 }
 
 void DenseEFIM::remember(const at::Tensor& rows, double a, double weight) {
+  // A refresh_below near zero leaves F_'s scale pending for long: the rows'
+  // weights (divided by it) must not overflow.
+  if (scale_ < kRescaleBelow) fold();
   scale_ *= a;
   // a copy even when the rows are float64 already: F must not see the caller's
   // later writes to the tensor it passed
   buffered_rows_.push_back(rows.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true));
   buffered_weights_.insert(buffered_weights_.end(), rows.size(0), weight / scale_);
-  if (static_cast<int64_t>(buffered_weights_.size()) >= kFoldRows) fold();
+  if (static_cast<int64_t>(buffered_weights_.size()) >= kFoldRows) add_buffered_rows();
+}
+
+// F_ += X^T diag(w) X over its lower triangle. F_'s own scaling waits in
+// scale_: a GEMM with beta != 1 scales its output in a separate pass over it,
+// which cost as much as a third of the fold.
+void DenseEFIM::add_buffered_rows() {
+  at::NoGradGuard no_grad;
+  if (buffered_rows_.empty()) return;
+  const at::Tensor X = at::cat(buffered_rows_);
+  const at::Tensor w = at::tensor(buffered_weights_, at::kDouble).to(F_.device());
+  // X^T (w X): scaling the rows of X is one contiguous pass (X^T scaled by
+  // columns is a strided one, several times slower)
+  const at::Tensor Xw = X * w.unsqueeze(1);
+  // Row strips of the lower triangle. Strip j = 1..S ends at row
+  // floor(d sqrt(j / S)): the strips have about equal areas.
+  int64_t start = 0;
+  for (int64_t j = 1; j <= kFoldStrips; ++j) {
+    const int64_t end = integer_sqrt(dim_ * dim_ * j / kFoldStrips);
+    if (end > start) {
+      F_.narrow(0, start, end - start).narrow(1, 0, end).addmm_(X.narrow(1, start, end - start).mT(),
+                                                               Xw.narrow(1, 0, end));
+    }
+    start = end;
+  }
+  buffered_rows_.clear();
+  buffered_weights_.clear();
 }
 
 void DenseEFIM::fold() {
   at::NoGradGuard no_grad;
-  if (!buffered_rows_.empty()) {
-    const at::Tensor X = at::cat(buffered_rows_);
-    const at::Tensor w = at::tensor(buffered_weights_, at::kDouble).to(F_.device()) * scale_;
-    // X^T (w X): scaling the rows of X is one contiguous pass (X^T scaled by
-    // columns is a strided one, several times slower)
-    const at::Tensor Xw = X * w.unsqueeze(1);
-    // Row strips of the lower triangle, the scaling of F inside each GEMM.
-    // Strip j = 1..S ends at row floor(d sqrt(j / S)): the strips have about equal areas.
-    int64_t start = 0;
-    for (int64_t j = 1; j <= kFoldStrips; ++j) {
-      const int64_t end = integer_sqrt(dim_ * dim_ * j / kFoldStrips);
-      if (end > start) {
-        F_.narrow(0, start, end - start).narrow(1, 0, end).addmm_(X.narrow(1, start, end - start).mT(),
-                                                                   Xw.narrow(1, 0, end), scale_);
-      }
-      start = end;
-    }
-  } else if (scale_ != 1.0) {
-    F_.mul_(scale_);
-  }
-  buffered_rows_.clear();
-  buffered_weights_.clear();
+  add_buffered_rows();
+  if (scale_ != 1.0) F_.mul_(scale_);
   scale_ = 1.0;
 }
 

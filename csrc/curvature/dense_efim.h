@@ -27,6 +27,8 @@ class DenseEFIM {
   // slots absorb the delay it gives the consumer.
   static constexpr int64_t kFoldRows = 16;
   static constexpr int64_t kFoldStrips = 4;
+  // F's scale waits in scale_ (see there) until it falls below this.
+  static constexpr double kRescaleBelow = 1e-30;
 
   // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
   // unused on the CPU, where the same problems raise.
@@ -40,7 +42,8 @@ class DenseEFIM {
   // The rows of G (k x d) as k samples, oldest first, in one rank-k step
   // (`per_step`: one optimizer step's per-sample rows, see dense.py).
   void update_many(const at::Tensor& G, bool per_step);
-  // Folds the buffered rows into F.
+  // Folds the buffered rows into F and applies F's pending scale: `fisher`
+  // is then F itself (its lower triangle).
   void fold();
   // Writes the pending rank-one update into the inverse.
   void flush();
@@ -51,7 +54,8 @@ class DenseEFIM {
   // The live state, shared with Python (read them, do not replace them).
   const at::Tensor& inverse() const { return A_; }
   const at::Tensor& pending() const { return pending_; }
-  // Only the lower triangle is current (see kFoldRows).
+  // F itself right after fold(), otherwise F / scale_ short of the buffered
+  // rows; only the lower triangle is current (see kFoldRows).
   const at::Tensor& fisher() const { return F_; }
 
   int64_t dim() const { return dim_; }
@@ -70,6 +74,7 @@ class DenseEFIM {
   template <typename Update>
   void fold_in(const at::Tensor& rows, double a, double weight, Update&& update);
   void remember(const at::Tensor& rows, double a, double weight);
+  void add_buffered_rows();
   bool refresh_follows(double a) const { return mu_ * a < refresh_below_ * damping_; }
   void advance(double a, int64_t k);
   void refresh();
@@ -84,7 +89,10 @@ class DenseEFIM {
   at::Tensor A_, pending_, F_;
   std::vector<at::Tensor> buffered_rows_;  // float64 copies, oldest first
   std::vector<double> buffered_weights_;   // each row's weight divided by scale_ at its arrival
-  double scale_ = 1.0;                     // product of the a's since the last fold
+  // F = scale_ (F_ + the buffered rows' share): the product of the a's since
+  // fold() last made F_ exact (a refresh, a state_dict, or scale_ falling
+  // below kRescaleBelow).
+  double scale_ = 1.0;
   int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0;
   double mu_ = 0.0;  // the damping the inverse currently includes
 };

@@ -14,6 +14,8 @@ from .. import ops
 # Rows reach the float64 Fisher per FOLD_ROWS, in FOLD_STRIPS GEMMs over its
 # lower triangle (the only part kept current); see dense_efim.h.
 FOLD_ROWS, FOLD_STRIPS = 16, 4
+# F's scale stays pending until it falls below this.
+RESCALE_BELOW = 1e-30
 
 
 class DenseEFIMCore:
@@ -35,10 +37,12 @@ class DenseEFIMCore:
         self._clear_buffer()
 
     def _clear_buffer(self) -> None:
-        # rows[i] enters F with weight scale * weights[i] at the next fold
+        # rows[i] enters F_stored with weight weights[i] at the next fold
         self._rows: list[torch.Tensor] = []
         self._weights: list[float] = []
-        self._scale = 1.0  # product of the a's since the last fold
+        # F = scale * (fisher + the buffered rows' share): the product of the
+        # a's since fold() last made `fisher` exact (see dense_efim.h)
+        self._scale = 1.0
 
     def set_counters(self, num_updates: int, num_samples: int, num_refreshes: int, mu: float) -> None:
         self.num_updates, self.num_samples, self.num_refreshes, self.mu = num_updates, num_samples, num_refreshes, mu
@@ -111,28 +115,37 @@ class DenseEFIMCore:
 
     def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
         """F <- a F + weight * rows^T rows, deferred to the next fold."""
+        if self._scale < RESCALE_BELOW:  # the weights below must not overflow
+            self.fold()
         self._scale *= a
         # a copy even when the rows are float64 already: F must not see the
         # caller's later writes to the tensor it passed
         self._rows.append(rows.to(torch.float64, copy=True))
         self._weights.extend([weight / self._scale] * rows.shape[0])
         if len(self._weights) >= FOLD_ROWS:
-            self.fold()
+            self._add_buffered_rows()
+
+    def _add_buffered_rows(self) -> None:
+        """fisher += X^T diag(w) X over its lower triangle, the scale left pending."""
+        if not self._rows:
+            return
+        X = torch.cat(self._rows)
+        w = torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device)
+        Xw = X * w.unsqueeze(1)
+        d, start = self.dim, 0
+        for j in range(1, FOLD_STRIPS + 1):
+            end = math.isqrt(d * d * j // FOLD_STRIPS)  # strips of about equal area
+            if end > start:
+                self.fisher[start:end, :end].addmm_(X[:, start:end].mT, Xw[:, :end])
+            start = end
+        self._rows, self._weights = [], []
 
     def fold(self) -> None:
-        if self._rows:
-            X = torch.cat(self._rows)
-            w = torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device) * self._scale
-            Xw = X * w.unsqueeze(1)
-            d, start = self.dim, 0
-            for j in range(1, FOLD_STRIPS + 1):
-                end = math.isqrt(d * d * j // FOLD_STRIPS)  # strips of about equal area
-                if end > start:
-                    self.fisher[start:end, :end].addmm_(X[:, start:end].mT, Xw[:, :end], beta=self._scale)
-                start = end
-        elif self._scale != 1.0:
+        """Makes ``fisher`` F itself (its lower triangle)."""
+        self._add_buffered_rows()
+        if self._scale != 1.0:
             self.fisher.mul_(self._scale)
-        self._clear_buffer()
+        self._scale = 1.0
 
     def _refresh(self) -> None:
         """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
