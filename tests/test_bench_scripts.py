@@ -39,6 +39,7 @@ def test_bench_pipeline():
     printed = _run("bench/bench_pipeline.py", "--dim", "64", "--steps", "20", "--repeats", "1")
     for mode in ("synchronous", "pipelined", "pipelined, in Python"):
         assert f"\n{mode} " in printed, printed
+    assert "update / step in these runs" in printed, printed
 
 
 def test_bench_curvature():
