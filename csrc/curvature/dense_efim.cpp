@@ -191,7 +191,7 @@ void DenseEFIM::remember(const at::Tensor& rows, double a, double weight) {
 }
 
 // F_ += X^T diag(w) X over its lower triangle. F_'s own scaling waits in
-// scale_: a GEMM with beta != 1 scales its output in a separate pass over it,
+// scale_: MKL's GEMM applies a beta != 1 in a separate pass over its output,
 // which cost as much as a third of the fold.
 void DenseEFIM::add_buffered_rows() {
   at::NoGradGuard no_grad;

@@ -37,7 +37,7 @@ class DenseEFIMCore:
         self._clear_buffer()
 
     def _clear_buffer(self) -> None:
-        # rows[i] enters F_stored with weight weights[i] at the next fold
+        # rows[i] enters `fisher` with weight weights[i] at the next fold
         self._rows: list[torch.Tensor] = []
         self._weights: list[float] = []
         # F = scale * (fisher + the buffered rows' share): the product of the
