@@ -98,7 +98,7 @@ class DenseEFIM:
 
     def state_dict(self) -> dict:
         core = self._core
-        core.fold()  # F complete (the same F, rounded once more), so the copy needs no buffer
+        core.fold()  # fisher becomes F itself (rows added, scale applied): the copy needs no buffer
         state = {k: getattr(core, k).clone() for k in _STATE_KEYS}
         ops.symmetrize_(state["fisher"])  # the core keeps its lower triangle current
         state.update({k: getattr(core, k) for k in _COUNTER_KEYS})
