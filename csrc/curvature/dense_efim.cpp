@@ -217,7 +217,6 @@ void DenseEFIM::add_buffered_rows() {
 }
 
 void DenseEFIM::fold() {
-  at::NoGradGuard no_grad;
   add_buffered_rows();
   if (scale_ != 1.0) F_.mul_(scale_);
   scale_ = 1.0;
