@@ -301,8 +301,8 @@ def measure(args):
         print(f"{mode:<24}{statistics.median(values):>10.3f}{statistics.median(values) / base:>13.2f}")
     # The timed runs' own ratio of one update to one step: the calibration
     # above can drift on a busy machine, and past 1 the consumer sets the pace.
-    drift = statistics.median(walls["synchronous"]) / base - 1
-    print(f"update / step in these runs (synchronous / SGD alone - 1): {drift:.2f}")
+    update_per_step = statistics.median(walls["synchronous"]) / base - 1
+    print(f"update / step in these runs (synchronous / SGD alone - 1): {update_per_step:.2f}")
     print(f"route {route}; producer's time per push in the pipelined loop (waits on full slots "
           f"included): {statistics.median(pushes) * 1e6:.1f} us")
     print(f"producer's time per push, no slot full, the consumer updating meanwhile: "
