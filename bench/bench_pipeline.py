@@ -190,6 +190,37 @@ def sleeping_producer(d, device, update_cost, steps=200):
     return loop("synchronous") / alone, loop("pipelined") / alone
 
 
+def consumer_under_load(d, batch, n, repeats=3):
+    """The consumer thread's time per update with n updates queued at once
+    (slots for all), while the producer thread sleeps and while it runs the
+    SGD step: what the producer's own work costs the consumer on this
+    machine (a shared core or its clock, the caches, the memory bandwidth).
+    No overlap hides that share. CPU only. Returns medians (sleeping, busy)."""
+    X, y, theta = make_problem(d, batch, "cpu")
+    G = torch.randn(n, d)
+
+    def drain(producer_work):
+        cur = DenseEFIM(d)
+        cur.update_many(torch.randn(WARM_UP, d, generator=torch.Generator().manual_seed(0)))
+        with Pipeline(cur, slots=n, consumer_threads=1) as pipe:
+            t0 = time.perf_counter()
+            for g in G:
+                pipe.push(g)
+            # flush waits without the GIL: this thread keeps the producer's work going
+            flusher = threading.Thread(target=pipe.flush)
+            flusher.start()
+            while flusher.is_alive():
+                producer_work()
+            flusher.join()
+            return (time.perf_counter() - t0) / n
+
+    sleeping, busy = [], []
+    for _ in range(repeats):
+        sleeping.append(drain(lambda: time.sleep(0.0005)))
+        busy.append(drain(lambda: sgd_step(X, y, theta)))
+    return statistics.median(sleeping), statistics.median(busy)
+
+
 def after_sleep(d, device, pause, n=500):
     """Median time of a small piece of work (a clone and an add of one
     gradient) right after sleeping ``pause`` seconds, and in a tight loop: how
@@ -314,6 +345,10 @@ def measure(args):
     print(f"a clone and an add of one gradient right after such a sleep: {woken * 1e6:.1f} us, "
           f"in a tight loop: {warm * 1e6:.1f} us")
     if torch.device(device).type == "cpu":
+        queued = 600
+        sleeping, busy = consumer_under_load(d, batch, queued)
+        print(f"consumer's time per update, {queued} queued at once: producer sleeping {sleeping * 1e6:.1f} us, "
+              f"producer running SGD steps {busy * 1e6:.1f} us ({busy / sleeping:.2f} x)")
         after = parallelism(d)
         print(f"second core available to this process (2 threads / 1 thread of GIL-free work, "
               f"measured before and after): {before:.2f}, {after:.2f}")
