@@ -190,16 +190,18 @@ def sleeping_producer(d, device, update_cost, steps=200):
     return loop("synchronous") / alone, loop("pipelined") / alone
 
 
-def consumer_under_load(d, batch, n, repeats=3):
-    """The consumer thread's time per update with n updates queued at once
-    (slots for all), while the producer thread sleeps and while it runs the
-    SGD step: what the producer's own work costs the consumer on this
-    machine (a shared core or its clock, the caches, the memory bandwidth).
-    No overlap hides that share. CPU only. Returns medians (sleeping, busy)."""
+def contention(d, batch, n, repeats=3):
+    """What each side's work costs the other on this machine (a shared core
+    or its clock, the caches, the memory bandwidth): n updates are queued at
+    once (slots for all) and the consumer thread drains them while the
+    producer thread sleeps, or runs SGD steps; and the SGD step alone. No
+    overlap hides this share. CPU only. Returns medians in seconds: the
+    consumer's time per update with the producer sleeping and busy, the SGD
+    step's alone and while the consumer drains."""
     X, y, theta = make_problem(d, batch, "cpu")
     G = torch.randn(n, d)
 
-    def drain(producer_work):
+    def drain(producer_busy):
         cur = DenseEFIM(d)
         cur.update_many(torch.randn(WARM_UP, d, generator=torch.Generator().manual_seed(0)))
         with Pipeline(cur, slots=n, consumer_threads=1) as pipe:
@@ -209,16 +211,31 @@ def consumer_under_load(d, batch, n, repeats=3):
             # flush waits without the GIL: this thread keeps the producer's work going
             flusher = threading.Thread(target=pipe.flush)
             flusher.start()
+            steps, t_steps = 0, 0.0
             while flusher.is_alive():
-                producer_work()
+                if producer_busy:
+                    ts = time.perf_counter()
+                    sgd_step(X, y, theta)
+                    t_steps += time.perf_counter() - ts
+                    steps += 1
+                else:
+                    time.sleep(0.0005)
             flusher.join()
-            return (time.perf_counter() - t0) / n
+            return (time.perf_counter() - t0) / n, t_steps / max(steps, 1)
 
-    sleeping, busy = [], []
+    def sgd_alone(k=200):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            sgd_step(X, y, theta)
+        return (time.perf_counter() - t0) / k
+
+    figures = [[], [], [], []]
     for _ in range(repeats):
-        sleeping.append(drain(lambda: time.sleep(0.0005)))
-        busy.append(drain(lambda: sgd_step(X, y, theta)))
-    return statistics.median(sleeping), statistics.median(busy)
+        sleeping, _ = drain(False)
+        busy, step_during = drain(True)
+        for column, value in zip(figures, (sleeping, busy, sgd_alone(), step_during)):
+            column.append(value)
+    return tuple(statistics.median(column) for column in figures)
 
 
 def after_sleep(d, device, pause, n=500):
@@ -346,9 +363,11 @@ def measure(args):
           f"in a tight loop: {warm * 1e6:.1f} us")
     if torch.device(device).type == "cpu":
         queued = 600
-        sleeping, busy = consumer_under_load(d, batch, queued)
+        sleeping, busy, step_alone, step_during = contention(d, batch, queued)
         print(f"consumer's time per update, {queued} queued at once: producer sleeping {sleeping * 1e6:.1f} us, "
               f"producer running SGD steps {busy * 1e6:.1f} us ({busy / sleeping:.2f} x)")
+        print(f"SGD step alone {step_alone * 1e6:.1f} us, while the consumer drains them "
+              f"{step_during * 1e6:.1f} us ({step_during / step_alone:.2f} x)")
         after = parallelism(d)
         print(f"second core available to this process (2 threads / 1 thread of GIL-free work, "
               f"measured before and after): {before:.2f}, {after:.2f}")
