@@ -14,7 +14,8 @@ in Python": each update is a Python call under the GIL, as for any
 curvature without a compiled core); with ``--consumer-process`` also SGD pushing
 to a consumer in a second process (``transport="distributed"``, gloo),
 which shares no GIL with the producer. Reported: wall time of each / SGD alone
-(medians over interleaved repeats), and the producer's time per push.
+(medians over interleaved repeats), the producer's time per push, and on a
+CPU what the two sides' work costs each other (``contention``).
 
 CPU: the producer and the consumer get one intra-op thread each
 (torch.set_num_threads(1), consumer_threads=1): two cores, one per side. The
