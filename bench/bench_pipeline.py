@@ -50,6 +50,16 @@ def make_problem(d: int, batch: int, device):
     return X, y, theta
 
 
+def warmed_up(d, device="cpu"):
+    """A DenseEFIM (the paper's running average, its default) fed WARM_UP
+    samples: past the early exact refreshes (at 4, 16, 64, 256, 1024 samples;
+    the next is at 4 x WARM_UP), so what is timed next sees the steady
+    per-update cost."""
+    cur = DenseEFIM(d, device=device)
+    cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
+    return cur
+
+
 def sgd_step(X, y, theta, lr=0.1):
     loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ theta, y)
     (grad,) = torch.autograd.grad(loss, theta)
@@ -65,14 +75,10 @@ def sync(device):
 
 def run(mode, d, batch, steps, device, slots):
     X, y, theta = make_problem(d, batch, device)
-    # The paper's running average (DenseEFIM's default). Warmed up past the
-    # early exact refreshes (at 4, 16, 64, 256, 1024 samples; the next is at
-    # 4 x WARM_UP), so the timed steps see the steady per-update cost in every mode.
     if mode.endswith("process"):
         cur = None  # the consumer process owns it (warmed up the same way there)
     else:
-        cur = DenseEFIM(d, device=device)
-        cur.update_many(torch.randn(WARM_UP, d, device=device, generator=torch.Generator(device).manual_seed(0)))
+        cur = warmed_up(d, device)
         if mode.endswith("in Python"):
             cur = _ThroughPython(cur)
     pipelined = mode.startswith("pipelined")
@@ -128,8 +134,7 @@ def push_cost(d, device, n=2000):
     consumer busy with the DenseEFIM updates meanwhile (on a CPU: on the
     other core; without the GIL where the extension is compiled)."""
     grad = torch.randn(d, device=device)
-    cur = DenseEFIM(d, device=device)
-    cur.update_many(torch.randn(WARM_UP, d, device=device))
+    cur = warmed_up(d, device)
     with Pipeline(cur, producer=device, consumer=device, slots=n + 1, consumer_threads=1) as pipe:
         for _ in range(2):  # the first pass allocates every slot's buffer
             sync(device)
@@ -171,8 +176,7 @@ def sleeping_producer(d, device, update_cost, steps=200):
     G = torch.randn(steps, d, device=device)
 
     def loop(target):
-        cur = DenseEFIM(d, device=device)
-        cur.update_many(torch.randn(WARM_UP, d, device=device))
+        cur = warmed_up(d, device)
         pipe = Pipeline(cur, producer=device, consumer=device, consumer_threads=1) if target == "pipelined" else None
         t0 = time.perf_counter()
         for i in range(steps):
@@ -203,9 +207,7 @@ def contention(d, batch, n, repeats=3):
     G = torch.randn(n, d)
 
     def drain(producer_busy):
-        cur = DenseEFIM(d)
-        cur.update_many(torch.randn(WARM_UP, d, generator=torch.Generator().manual_seed(0)))
-        with Pipeline(cur, slots=n, consumer_threads=1) as pipe:
+        with Pipeline(warmed_up(d), slots=n, consumer_threads=1) as pipe:
             t0 = time.perf_counter()
             for g in G:
                 pipe.push(g)
@@ -224,19 +226,13 @@ def contention(d, batch, n, repeats=3):
             flusher.join()
             return (time.perf_counter() - t0) / n, t_steps / max(steps, 1)
 
-    def sgd_alone(k=200):
-        t0 = time.perf_counter()
-        for _ in range(k):
-            sgd_step(X, y, theta)
-        return (time.perf_counter() - t0) / k
-
-    figures = [[], [], [], []]
+    rows = []
     for _ in range(repeats):
         sleeping, _ = drain(False)
         busy, step_during = drain(True)
-        for column, value in zip(figures, (sleeping, busy, sgd_alone(), step_during)):
-            column.append(value)
-    return tuple(statistics.median(column) for column in figures)
+        step_alone = run("sgd", d, batch, 200, "cpu", slots=1)[0] / 200
+        rows.append((sleeping, busy, step_alone, step_during))
+    return tuple(statistics.median(column) for column in zip(*rows))
 
 
 def after_sleep(d, device, pause, n=500):
@@ -264,9 +260,7 @@ def _consumer_process(d: int, runs: int) -> None:
     """Rank 1 of ``--consumer-process``: one warmed-up DenseEFIM served per
     pipelined run, all warmed up before the first (so this process is idle
     while the producer times its other modes)."""
-    curvatures = [DenseEFIM(d) for _ in range(runs)]
-    for cur in curvatures:
-        cur.update_many(torch.randn(WARM_UP, d, generator=torch.Generator().manual_seed(0)))
+    curvatures = [warmed_up(d) for _ in range(runs)]
     dist.barrier()
     for cur in curvatures:
         serve(cur, producer_rank=0)
