@@ -110,3 +110,22 @@ def test_two_gpus():
 @TWO_GPUS
 def test_two_gpus_other_direction():
     _stream("cuda:1", "cuda:0")
+
+
+@TWO_GPUS
+def test_two_gpus_flush_orders_this_threads_stream_on_the_consumer_gpu():
+    """After flush, the curvature (and what a request returns) may be read on
+    the consumer's GPU, on this thread's current stream there, before close
+    synchronizes anything."""
+    d, n = 512, 300
+    G = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to("cuda:0")
+    sync = DenseEFIM(d, dtype=torch.float64, device="cuda:1")
+    for g in G:
+        sync.update(g.to("cuda:1"))
+    piped = DenseEFIM(d, dtype=torch.float64, device="cuda:1")
+    with Pipeline(piped, producer="cuda:0", consumer="cuda:1", slots=4) as p:
+        for g in G:
+            p.push(g)
+        p.flush()
+        assert torch.equal(piped.inverse, sync.inverse)
+        assert torch.equal(p.inverse, sync.inverse)

@@ -71,8 +71,8 @@ class Route {
   // Consumer thread: runs fn with the consumer's device and stream current.
   virtual void run_on_consumer(const std::function<void()>& fn) = 0;
   // Producer thread, after every message was applied: orders what the
-  // producer does next after the consumer's work (a stream wait on a GPU, a
-  // host wait for a CPU producer of a GPU consumer).
+  // producer does next after the consumer's work (its current streams on both
+  // GPUs wait, or a CPU producer of a GPU consumer waits on the host).
   virtual void producer_waits_for_consumer() = 0;
   // (stream id, device index, device type) of the consumer's stream, for
   // torch.cuda.Stream(stream_id=..., ...); all zero on the CPU.

@@ -188,6 +188,10 @@ class CudaRoute final : public Route {
     done.record(*compute_);
     if (producer_.is_cuda()) {
       done.block(c10::cuda::getCurrentCUDAStream(producer_.index()));
+      // What a request returns stays on the consumer's GPU (inverse,
+      // state_dict), and the caller may read the curvature there directly:
+      // this thread's stream on that GPU must wait as well.
+      if (consumer_.index() != producer_.index()) done.block(c10::cuda::getCurrentCUDAStream(consumer_.index()));
     } else {
       done.synchronize();
     }

@@ -270,7 +270,8 @@ class Pipeline:
 
     def flush(self) -> None:
         """Waits until every message pushed so far has been applied (on a GPU,
-        the producer's current stream then waits for the consumer's)."""
+        the calling thread's current streams on the producer's and the
+        consumer's device then wait for the consumer's stream)."""
         self._engine_call(self._engine.flush)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
