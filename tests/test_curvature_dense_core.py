@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(_build.native_module() is None, reason="the comp
 
 def test_the_compiled_core_is_used_where_the_extension_is_built():
     assert nhgd_ext.backend("cpu") == "cpp"
-    c = DenseEFIM(3)
+    c = DenseEFIM(3, representation="dense")
     assert c.compiled_core is not None and type(c.compiled_core).__name__ == "DenseEFIMCore"
 
 
@@ -49,18 +49,20 @@ def assert_same(compiled, reference, *, read_out=True):
 
 def schedule(d, dtype, device, seed):
     """Single gradients (batch sizes 1 and 5), rank-k steps with and without
-    per_step, one of 130 rows (past the 64-row fold and, for an EMA, a
-    refresh that replaces the update): enough rows for several folds and
-    refreshes."""
+    per_step, one of 130 rows (past the fold and past d / 3: the inverse goes
+    stale), and a rebuild every eleventh call, as a solve makes: enough rows
+    for several folds, stale stretches and rebuilds."""
     rng = gen(seed)
     calls = []
     for t in range(40):
-        if t % 9 == 4:
+        if t % 11 == 10:
+            calls.append(("refresh", None, None))
+        elif t % 9 == 4:
             k = 130 if t == 13 else 3 + t % 5
             calls.append(("update_many", torch.randn(k, d, generator=rng, dtype=torch.float64), t % 2 == 0))
         else:
             calls.append(("update", torch.randn(d, generator=rng, dtype=torch.float64) / math.sqrt(d), 5 if t % 3 else 1))
-    return [(what, x.to(device=device, dtype=dtype), extra) for what, x, extra in calls]
+    return [(what, x if x is None else x.to(device=device, dtype=dtype), extra) for what, x, extra in calls]
 
 
 @pytest.mark.parametrize("beta", [None, 0.9, 0.5], ids=["running", "ema0.9", "ema0.5"])
@@ -71,26 +73,32 @@ def test_compiled_core_equals_the_reference_bitwise(device, dtype, d, beta):
     compiled, reference = pair(d, beta, dtype, device)
     for i, (what, x, extra) in enumerate(schedule(d, dtype, device, seed=d)):
         for core in (compiled, reference):
-            getattr(core, what)(x, extra)
+            getattr(core, what)(*(() if x is None else (x, extra)))
         if i % 10 == 9:
             assert_same(compiled, reference, read_out=False)
     assert compiled.num_refreshes > 0
     assert_same(compiled, reference)
 
 
-def test_a_refresh_forced_by_a_failed_update_is_the_same_in_both():
+def test_an_update_the_kernel_refuses_leaves_both_stale_alike():
     """An update the CPU kernel refuses (a non-positive denominator, the state
-    having lost definiteness): both cores rebuild exactly and retry. (On CUDA
-    the kernel skips instead of raising.)"""
+    having lost definiteness): both cores keep the row in F, mark the inverse
+    stale (mu = 0) and run no factorization; the next rebuild is exact. (On
+    CUDA the kernel skips instead of raising.)"""
     compiled, reference = pair(5, None, torch.float64, "cpu")
     G = torch.randn(12, 5, generator=gen(1), dtype=torch.float64)
     for core in (compiled, reference):
-        core.update_many(G[:8], False)
+        core.update(G[0], 1)
         core.flush()
         core.inverse.mul_(-1e3)  # far from positive definite: the next update fails
         core.update(G[8], 1)
-    assert compiled.num_refreshes == reference.num_refreshes >= 1
+        assert core.mu == 0.0 and core.num_refreshes == 0
     assert_same(compiled, reference)
+    for core in (compiled, reference):
+        core.refresh()
+    assert_same(compiled, reference)
+    expected = torch.linalg.inv(0.5 * (torch.outer(G[0], G[0]) + torch.outer(G[8], G[8])) + 0.05 * torch.eye(5, dtype=torch.float64))
+    assert torch.allclose(compiled.inverse, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("core_kind", ["compiled", "reference"])

@@ -160,20 +160,22 @@ void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
 }
 
 // Applies the in-place update of the inverse, then records the rows for F.
-// The update is skipped when the refresh it triggers rebuilds the inverse from
-// F anyway; when it finds the inverse has lost definiteness (float32 drift) it
-// is retried once on the exactly rebuilt state.
+// No factorization runs here, whatever happens: an update that would take
+// the inverse's damping below refresh_below * damping, that has too many
+// rows to pay in place, or that the kernel refuses (the float32 state lost
+// definiteness) leaves the inverse stale, and the next solve rebuilds it.
 template <typename Update>
 void DenseEFIM::fold_in(const at::Tensor& rows, double a, double weight, Update&& update) {
-  if (!refresh_follows(a)) {
+  bool stale = goes_stale(a, rows.size(0));
+  if (!stale) {
     try {
       update();
     } catch (const c10::Error& e) {
       if (is_argument_error(e)) throw;
-      refresh();
-      update();
+      stale = true;
     }
   }
+  if (stale) mu_ = 0.0;
   remember(rows, a, weight);
   advance(a, rows.size(0));
 }
@@ -226,10 +228,8 @@ void DenseEFIM::advance(double a, int64_t k) {
   ++num_updates_;
   num_samples_ += k;
   mu_ *= a;
-  if (mu_ < refresh_below_ * damping_) refresh();
 }
 
-// inverse <- (F + damping I)^-1 exactly (float64 Cholesky), mu <- damping.
 void DenseEFIM::refresh() {
   fold();
   at::Tensor D = F_.clone();  // only its lower triangle is current

@@ -29,6 +29,10 @@ class DenseEFIM {
   static constexpr int64_t kFoldStrips = 4;
   // F's scale waits in scale_ (see there) until it falls below this.
   static constexpr double kRescaleBelow = 1e-30;
+  // A step of k >= dim / kGramRowsDivisor rows is not applied to the inverse
+  // in place: a Woodbury update of that rank costs about as much as the
+  // exact rebuild the next solve then makes from F (dense.py).
+  static constexpr int64_t kGramRowsDivisor = 3;
 
   // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
   // unused on the CPU, where the same problems raise.
@@ -47,6 +51,8 @@ class DenseEFIM {
   void fold();
   // Writes the pending rank-one update into the inverse.
   void flush();
+  // inverse <- (F + damping I)^-1 exactly (float64 Cholesky), mu <- damping.
+  void refresh();
   // After the caller has overwritten inverse, pending and fisher (load_state_dict):
   // sets the counters and drops the buffered rows.
   void set_counters(int64_t num_updates, int64_t num_samples, int64_t num_refreshes, double mu);
@@ -75,9 +81,13 @@ class DenseEFIM {
   void fold_in(const at::Tensor& rows, double a, double weight, Update&& update);
   void remember(const at::Tensor& rows, double a, double weight);
   void add_buffered_rows();
-  bool refresh_follows(double a) const { return mu_ * a < refresh_below_ * damping_; }
+  // Whether the in-place update is skipped (the inverse then goes stale,
+  // mu = 0, until the next refresh): its damping would fall below
+  // refresh_below * damping, or the step has too many rows.
+  bool goes_stale(double a, int64_t k) const {
+    return mu_ * a < refresh_below_ * damping_ || k * kGramRowsDivisor >= dim_;
+  }
   void advance(double a, int64_t k);
-  void refresh();
   at::Tensor empty_pending() const;
 
   int64_t dim_;
@@ -94,7 +104,10 @@ class DenseEFIM {
   // below kRescaleBelow).
   double scale_ = 1.0;
   int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0;
-  double mu_ = 0.0;  // the damping the inverse currently includes
+  // The damping the inverse currently includes: inverse = (F + mu I)^-1,
+  // refresh_below * damping <= mu <= damping, or mu = 0 when the inverse is
+  // stale (not updated since some rows arrived).
+  double mu_ = 0.0;
 };
 
 }  // namespace nhgd::curvature

@@ -52,6 +52,7 @@ void bind_python(py::module_& m) {
       .def("reset", &DenseEFIM::reset, nogil())
       .def("fold", &DenseEFIM::fold, nogil())
       .def("flush", &DenseEFIM::flush, nogil())
+      .def("refresh", &DenseEFIM::refresh, nogil())
       .def("set_counters", &DenseEFIM::set_counters, py::arg("num_updates"), py::arg("num_samples"),
            py::arg("num_refreshes"), py::arg("mu"))
       .def_property_readonly("inverse", &DenseEFIM::inverse)

@@ -16,6 +16,35 @@ from .. import ops
 FOLD_ROWS, FOLD_STRIPS = 16, 4
 # F's scale stays pending until it falls below this.
 RESCALE_BELOW = 1e-30
+# A step of k >= dim / GRAM_ROWS_DIVISOR rows only reaches F (see dense_efim.h).
+GRAM_ROWS_DIVISOR = 3
+
+
+def step_coefficients(beta: float | None, num_samples: int, k: int, per_step: bool) -> tuple[float, list[float]]:
+    """(a, row weights) that fold k new rows into F after ``num_samples``:
+    F <- a F + sum_i weights[i] x_i x_i^T (the last row is the newest)."""
+    if per_step and beta is not None:
+        return beta, [(1 - beta) / k] * k
+    if beta is None:
+        n = num_samples
+        return (1.0, [1.0 / k] * k) if n == 0 else (n / (n + k), [1.0 / (n + k)] * k)
+    return beta**k, [(1 - beta) * beta ** (k - 1 - i) for i in range(k)]
+
+
+def checked_rows(name: str, x, ndim: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x`` detached and converted, if it is a finite floating-point tensor of
+    shape [dim] (ndim 1) or [k >= 1, dim] (ndim 2); a ValueError naming it otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"DenseEFIM: argument '{name}' must be a tensor, got {type(x).__name__}")
+    if x.dim() != ndim or x.shape[-1] != dim or x.numel() == 0:
+        want = f"[{dim}]" if ndim == 1 else f"[k >= 1, {dim}]"
+        raise ValueError(f"DenseEFIM: argument '{name}' must have shape {want}, got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
+    x = x.detach().to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
+    return x
 
 
 class DenseEFIMCore:
@@ -48,41 +77,19 @@ class DenseEFIMCore:
         self.num_updates, self.num_samples, self.num_refreshes, self.mu = num_updates, num_samples, num_refreshes, mu
         self._clear_buffer()
 
-    def _coefficients(self, k: int, per_step: bool) -> tuple[float, list[float]]:
-        """(a, row weights) that fold k new samples into the damped matrix."""
-        n, beta = self.num_samples, self.beta
-        if per_step and beta is not None:
-            return beta, [(1 - beta) / k] * k
-        if beta is None:
-            return (1.0, [1.0 / k] * k) if n == 0 else (n / (n + k), [1.0 / (n + k)] * k)
-        return beta**k, [(1 - beta) * beta ** (k - 1 - i) for i in range(k)]  # the last row is the newest
-
-    def _checked(self, name: str, x, ndim: int) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"DenseEFIM: argument '{name}' must be a tensor, got {type(x).__name__}")
-        if x.dim() != ndim or x.shape[-1] != self.dim or x.numel() == 0:
-            want = f"[{self.dim}]" if ndim == 1 else f"[k >= 1, {self.dim}]"
-            raise ValueError(f"DenseEFIM: argument '{name}' must have shape {want}, got {list(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
-        x = x.detach().to(device=self.device, dtype=self.dtype)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
-        return x
-
     def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"DenseEFIM.update: argument 'batch_size' must be a positive integer, got {batch_size}")
-        x = self._checked("g", g, 1)
+        x = checked_rows("g", g, 1, self.dim, self.dtype, self.device)
         if batch_size != 1:
             x = x * math.sqrt(batch_size)
-        a, (b,) = self._coefficients(1, False)
+        a, (b,) = step_coefficients(self.beta, self.num_samples, 1, False)
         self._fold_in(x.reshape(1, -1), a, b, lambda: ops.sherman_morrison_deferred_(
             self.inverse, self.pending, x, a, b, status=self.status))
 
     def update_many(self, G: torch.Tensor, per_step: bool = False) -> None:
-        X = self._checked("G", G, 2)
-        a, w = self._coefficients(X.shape[0], per_step)
+        X = checked_rows("G", G, 2, self.dim, self.dtype, self.device)
+        a, w = step_coefficients(self.beta, self.num_samples, X.shape[0], per_step)
         H = X * torch.tensor(w, dtype=torch.float64).sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
 
         def woodbury():
@@ -93,25 +100,25 @@ class DenseEFIMCore:
 
     def _fold_in(self, rows: torch.Tensor, a: float, weight: float, update) -> None:
         """Applies the in-place ``update`` of the inverse, then records the rows
-        for F. The update is skipped when the refresh it triggers rebuilds the
-        inverse from F anyway (for a tiny a, say beta**k over a large batch, it
-        would divide the float32 state by a and overflow); when it finds the
-        inverse has lost definiteness (float32 drift) it is retried once on the
-        exactly rebuilt state."""
-        if not self.mu * a < self.refresh_below * self.damping:
+        for F. No factorization runs here: an update that would take the
+        damping below ``refresh_below * damping``, that has too many rows to
+        pay in place, or that the kernel refuses (the float32 state lost
+        definiteness) leaves the inverse stale (mu = 0) for the next solve
+        to rebuild."""
+        stale = self.mu * a < self.refresh_below * self.damping or rows.shape[0] * GRAM_ROWS_DIVISOR >= self.dim
+        if not stale:
             try:
                 update()
-            except NotImplementedError:  # a missing kernel, nothing a refresh mends
+            except NotImplementedError:  # a missing kernel, nothing a rebuild mends
                 raise
             except RuntimeError:
-                self._refresh()
-                update()
+                stale = True
+        if stale:
+            self.mu = 0.0
         self._remember(rows, a, weight)
         self.num_updates += 1
         self.num_samples += rows.shape[0]
         self.mu *= a
-        if self.mu < self.refresh_below * self.damping:
-            self._refresh()
 
     def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
         """F <- a F + weight * rows^T rows, deferred to the next fold."""
@@ -147,7 +154,7 @@ class DenseEFIMCore:
             self.fisher.mul_(self._scale)
         self._scale = 1.0
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
         self.fold()
         D = ops.symmetrize_(self.fisher.clone())  # only its lower triangle is current
