@@ -26,6 +26,8 @@ METHODS: dict[str, tuple[type | None, dict[str, Any]]] = {
     "nhgd": (E.NHGD, {}),
     "nhgd-kfac": (E.NHGD, {"curvature": "kfac"}),
     "nhgd-sampled": (E.NHGD, {"fisher": "sampled"}),
+    # the paper's own form: each step's batch-mean gradient as one rank-one update
+    "nhgd-mean": (E.NHGD, {"per_sample": False}),
     "cg10": (E.ConjugateGradient, {"iters": 10}),
     "cg40": (E.ConjugateGradient, {"iters": 40}),
     "neumann10": (E.Neumann, {"iters": 10}),
@@ -40,9 +42,12 @@ METHODS: dict[str, tuple[type | None, dict[str, Any]]] = {
     "none": (None, {}),
 }
 _COUNTED = re.compile(r"^(cg|neumann)(\d+)$")  # cg25, neumann5, ...: any number of iterations
+_REFINED = re.compile(r"^(nhgd(?:-[a-z]+)?)-refine(\d+)$")  # nhgd-refine3, nhgd-kfac-refine2, ...
 
 
 def method_spec(method: str) -> tuple[type | None, dict[str, Any]]:
+    """(estimator class, options) of a method name; for ``<nhgd method>-refineK``
+    those of the NHGD method with ``refine=K``."""
     if method in METHODS:
         cls, fixed = METHODS[method]
         return cls, dict(fixed)
@@ -50,17 +55,32 @@ def method_spec(method: str) -> tuple[type | None, dict[str, Any]]:
     if counted and int(counted.group(2)) > 0:
         cls = E.ConjugateGradient if counted.group(1) == "cg" else E.Neumann
         return cls, {"iters": int(counted.group(2))}
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (or cgN, neumannN)")
+    refined = _REFINED.match(method)
+    if refined and refined.group(1) in METHODS:
+        cls, fixed = METHODS[refined.group(1)]
+        return cls, {**fixed, "refine": int(refined.group(2))}
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} "
+                     f"(or cgN, neumannN, <nhgd method>-refineK)")
 
 
 def make_estimator(problem: BilevelProblem, method: str, options: dict[str, Any] | None = None,
                    inner_lr: float | None = None):
     """The estimator ``method`` names, with the problem's options for it,
-    then ``options`` on top. ``None`` for ``none``."""
-    cls, merged = method_spec(method)
+    then ``options`` on top. ``None`` for ``none``. The NHGD variants
+    (``nhgd-mean``, ``nhgd-kfac-refine3``, ...) start from the problem's
+    ``nhgd`` options, then their base method's, then their own."""
+    cls, fixed = method_spec(method)
     if cls is None:
         return None
-    merged |= problem.settings.method_options.get(method, {})
+    by_name = problem.settings.method_options
+    refined = _REFINED.match(method)
+    base = refined.group(1) if refined else method
+    merged = {}
+    if cls is E.NHGD:
+        for name in dict.fromkeys(("nhgd", base)):
+            merged |= by_name.get(name, {})
+    merged |= fixed
+    merged |= by_name.get(method, {})
     merged |= options or {}
     if merged.get("curvature") == "kfac":
         model = getattr(problem, "model", None)

@@ -92,7 +92,7 @@ def test_dense_efim_updates_bitwise_equal_to_synchronous(engine):
     d, n = 12, (20000 if engine == "compiled" else 3000)
     G = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     v = torch.randn(d, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    sync = DenseEFIM(d, beta=0.995, dtype=torch.float64)
+    sync = DenseEFIM(d, beta=0.995, dtype=torch.float64, representation="dense")
     for i in range(n):
         if i % 2000 == 999:
             sync.update_many(G[i - 3:i + 1], per_step=True)
@@ -100,7 +100,7 @@ def test_dense_efim_updates_bitwise_equal_to_synchronous(engine):
             sync.update_many(G[i - 3:i + 1])
         else:
             sync.update(G[i], batch_size=1 + i % 4)
-    piped = DenseEFIM(d, beta=0.995, dtype=torch.float64)
+    piped = DenseEFIM(d, beta=0.995, dtype=torch.float64, representation="dense")
     buf = torch.empty(d, dtype=torch.float64)
     # Tensors the compiled host route cannot copy as plain bytes: strided,
     # and with a pending negation (it copies those through a typed view).
@@ -185,7 +185,7 @@ def test_exception_in_the_consumer_reaches_the_producer(engine):
 
 
 def test_exception_from_a_real_curvature_reaches_the_producer(engine):
-    cur = DenseEFIM(4, dtype=torch.float64)
+    cur = DenseEFIM(4, dtype=torch.float64, representation="dense")
     p = Pipeline(cur, engine=engine)
     p.push(torch.tensor([1.0, float("nan"), 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(PipelineError, match="NaN") as info:
@@ -265,13 +265,33 @@ def test_cross_terms_reach_on_cross_after_their_update(engine):
         p.push(torch.zeros(4), cross=torch.ones(2))
 
 
+@pytest.mark.parametrize("beta", [None, 0.8], ids=["running", "ema"])
+def test_auto_representation_pipelines_equal_to_synchronous(engine, beta):
+    """A DenseEFIM left to choose its form starts compact (updated by Python
+    on the consumer thread) and turns dense on the consumer once it keeps
+    more than d / 2 rows: the solves still equal the synchronous object's
+    bitwise."""
+    d, n = 40, 60
+    G = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    v = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    sync, piped = (DenseEFIM(d, beta=beta, dtype=torch.float64) for _ in range(2))
+    with Pipeline(piped, engine=engine) as p:
+        for i, g in enumerate(G):
+            sync.update(g, batch_size=4)
+            p.update(g, batch_size=4)
+            if i in (10, n - 1):
+                assert torch.equal(p.solve(v), sync.solve(v))
+    assert piped.representation == sync.representation
+    assert piped.representation == "dense" or beta is not None
+
+
 def test_dense_updates_with_cross_terms_equal_synchronous(engine):
     """A DenseEFIM with an on_cross handler: with the compiled engine the
     consumer applies each update itself and hands Python only the cross term
     (a CROSS message), in order, with the update's batch size."""
     d = 5
     G = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    sync, piped = DenseEFIM(d, beta=0.9, dtype=torch.float64), DenseEFIM(d, beta=0.9, dtype=torch.float64)
+    sync, piped = (DenseEFIM(d, beta=0.9, dtype=torch.float64, representation="dense") for _ in range(2))
     expected, log = [], []
 
     def on_cross(B, batch_size):
@@ -305,10 +325,10 @@ def test_compiled_consumer_updates_a_dense_efim_without_the_gil():
     if engine_kind() != "compiled":
         pytest.skip("the compiled extension is not loaded (reference backend)")
     G = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    sync = DenseEFIM(16, dtype=torch.float64)
+    sync = DenseEFIM(16, dtype=torch.float64, representation="dense")
     for g in G:
         sync.update(g, batch_size=2)
-    with Pipeline(DenseEFIM(16, dtype=torch.float64), slots=64) as p:
+    with Pipeline(DenseEFIM(16, dtype=torch.float64, representation="dense"), slots=64) as p:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1000.0)
         try:
@@ -324,7 +344,7 @@ def test_compiled_consumer_updates_a_dense_efim_without_the_gil():
 
 
 def test_curvature_interface_reset_and_state(engine):
-    cur = DenseEFIM(6, beta=0.9, dtype=torch.float64)
+    cur = DenseEFIM(6, beta=0.9, dtype=torch.float64, representation="dense")
     with Pipeline(cur, engine=engine) as p:
         for _ in range(5):
             p.update(torch.randn(6, dtype=torch.float64))

@@ -43,11 +43,11 @@ def _gradients():
 
 def _exact(rank: int) -> None:
     if rank == 1:
-        stats = serve(DenseEFIM(D, beta=0.999, dtype=torch.float64), producer_rank=0)
+        stats = serve(DenseEFIM(D, beta=0.999, dtype=torch.float64, representation="dense"), producer_rank=0)
         assert stats["messages"] == N, stats
         return
     G = _gradients()
-    sync = DenseEFIM(D, beta=0.999, dtype=torch.float64)
+    sync = DenseEFIM(D, beta=0.999, dtype=torch.float64, representation="dense")
     for i in range(N):
         sync.update(G[i], batch_size=1 + i % 3)
     v = torch.randn(D, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -105,7 +105,7 @@ def _consumer_error(rank: int) -> None:
     if rank == 1:
         for _ in range(2):
             try:
-                serve(DenseEFIM(4, dtype=torch.float64), producer_rank=0)
+                serve(DenseEFIM(4, dtype=torch.float64, representation="dense"), producer_rank=0)
             except PipelineError as err:
                 assert "NaN" in str(err), err
             else:
@@ -136,7 +136,7 @@ def _consumer_error(rank: int) -> None:
 def _producer_abort(rank: int) -> None:
     if rank == 1:
         try:
-            serve(DenseEFIM(4, dtype=torch.float64), producer_rank=0)
+            serve(DenseEFIM(4, dtype=torch.float64, representation="dense"), producer_rank=0)
         except PipelineError as err:
             assert "producer raised KeyError" in str(err), err
         else:

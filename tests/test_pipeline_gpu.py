@@ -20,10 +20,10 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 def _stream(producer: str, consumer: str, n: int = 2000, d: int = 64):
     G = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(producer)
     v = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(producer)
-    sync = DenseEFIM(d, beta=0.99, dtype=torch.float64, device=consumer)
+    sync = DenseEFIM(d, beta=0.99, dtype=torch.float64, device=consumer, representation="dense")
     for i in range(n):
         sync.update(G[i].to(consumer), batch_size=2)
-    piped = DenseEFIM(d, beta=0.99, dtype=torch.float64, device=consumer)
+    piped = DenseEFIM(d, beta=0.99, dtype=torch.float64, device=consumer, representation="dense")
     buf = torch.empty(d, dtype=torch.float64, device=producer)
     with Pipeline(piped, producer=producer, consumer=consumer, slots=4) as p:
         for i in range(n):
@@ -40,7 +40,7 @@ def _stream(producer: str, consumer: str, n: int = 2000, d: int = 64):
 
 def test_compiled_route_is_used_on_the_gpu():
     if nhgd_ext.compiled_with_cuda():
-        with Pipeline(DenseEFIM(4, device="cuda"), producer="cuda", consumer="cuda") as p:
+        with Pipeline(DenseEFIM(4, device="cuda", representation="dense"), producer="cuda", consumer="cuda") as p:
             assert p.engine == "compiled" and p.route == "cuda-streams"
 
 
@@ -73,7 +73,7 @@ def test_consumer_runs_on_its_own_stream():
 
 
 def test_gpu_consumer_error_reaches_the_producer():
-    p = Pipeline(DenseEFIM(4, device="cuda"), producer="cuda", consumer="cuda")
+    p = Pipeline(DenseEFIM(4, device="cuda", representation="dense"), producer="cuda", consumer="cuda")
     p.push(torch.tensor([1.0, float("nan"), 0.0, 0.0], device="cuda"))
     with pytest.raises(PipelineError, match="NaN"):
         p.flush()
@@ -119,10 +119,10 @@ def test_two_gpus_flush_orders_this_threads_stream_on_the_consumer_gpu():
     synchronizes anything."""
     d, n = 512, 300
     G = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to("cuda:0")
-    sync = DenseEFIM(d, dtype=torch.float64, device="cuda:1")
+    sync = DenseEFIM(d, dtype=torch.float64, device="cuda:1", representation="dense")
     for g in G:
         sync.update(g.to("cuda:1"))
-    piped = DenseEFIM(d, dtype=torch.float64, device="cuda:1")
+    piped = DenseEFIM(d, dtype=torch.float64, device="cuda:1", representation="dense")
     with Pipeline(piped, producer="cuda:0", consumer="cuda:1", slots=4) as p:
         for g in G:
             p.push(g)

@@ -44,11 +44,11 @@ def _run(make_estimator, per_sample: bool):
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["batch-mean", "per-sample-rows"])
 def test_pipelined_nhgd_equals_synchronous(per_sample):
-    sync = _run(lambda i, o: NHGD(i, o, curvature=DenseEFIM(8, beta=0.95, dtype=torch.float64)), per_sample)
+    sync = _run(lambda i, o: NHGD(i, o, curvature=DenseEFIM(8, beta=0.95, dtype=torch.float64, representation="dense")), per_sample)
     pipes = []
 
     def piped(i, o):
-        pipes.append(Pipeline(DenseEFIM(8, beta=0.95, dtype=torch.float64), slots=4))
+        pipes.append(Pipeline(DenseEFIM(8, beta=0.95, dtype=torch.float64, representation="dense"), slots=4))
         return NHGD(i, o, pipeline=pipes[-1])
 
     got = _run(piped, per_sample)

@@ -32,7 +32,10 @@ class ConjugateGradient(KeepsSolution):
             if rr <= stop or rr == 0:
                 break
             Hp = self.hvp(g_theta, p)
-            alpha = rr / (p @ Hp)
+            pHp = p @ Hp
+            if not pHp > 0:  # the residual is at rounding level (or H is not positive definite along p)
+                break
+            alpha = rr / pHp
             w.add_(p, alpha=float(alpha))
             r.sub_(Hp, alpha=float(alpha))
             rr_new = r @ r
