@@ -1,0 +1,90 @@
+"""The layer hooks of :class:`~nhgd_ext.curvature.KFAC`: what one
+``nn.Linear`` saw in the last forward/backward pass.
+
+The hooks reference only their :class:`LinearRecorder`, never the KFAC that
+owns it, so a KFAC nobody holds is collected, and its finalizer
+(:func:`release`) takes the hooks off the model. Batched backward passes
+(``torch.autograd.grad(..., is_grads_batched=True)``) are not recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+def _is_batched_grad(grad: torch.Tensor) -> bool:
+    # is_grads_batched runs the backward under the legacy vmap; functorch's
+    # vmap wraps tensors differently. A torch with neither has none to find.
+    functorch = getattr(torch._C, "_functorch", None)
+    return any(bool(getattr(functorch, name, lambda t: False)(grad))
+               for name in ("is_legacy_batchedtensor", "is_batchedtensor"))
+
+
+def _graph_alive(handle) -> bool:
+    # A tensor hook's handle refers weakly to the hook dict, which the graph
+    # owns; a torch whose handles say nothing keeps every handle (removing a
+    # dead one is harmless).
+    ref = getattr(handle, "hooks_dict_ref", None)
+    return ref is None or ref() is not None
+
+
+class LinearRecorder:
+    """Records the inputs (with a column of ones for the bias) and the
+    per-sample output gradients of one ``nn.Linear``."""
+
+    def __init__(self, module: nn.Linear):
+        # The module is not kept: the hooks get it as an argument, and a
+        # reference here would put the model in a cycle with its own hooks.
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.has_bias = module.bias is not None
+        self.acts: torch.Tensor | None = None
+        self.grads: torch.Tensor | None = None
+        self.recording = True
+        self.closed = False
+        self._module_handle = module.register_forward_hook(self._forward)
+        self._tensor_handles: list = []
+
+    def _forward(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if self.closed or not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        # The inputs are recorded with the output gradient, by the backward
+        # pass itself: a forward pass that is never backpropagated (a logged
+        # validation loss) must not replace this step's inputs.
+        handle = output.register_hook(functools.partial(self._output_grad, inputs[0].detach()))
+        # Only hooks on graphs still alive can fire, and only those need
+        # taking off at close: handles of collected graphs are dropped.
+        self._tensor_handles = [h for h in self._tensor_handles if _graph_alive(h)]
+        self._tensor_handles.append(handle)
+
+    def _output_grad(self, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.closed or not self.recording:
+            return
+        if _is_batched_grad(grad):
+            # A batched backward (autograd.grad(..., is_grads_batched=True))
+            # takes several vector-Jacobian products of the graph, none of
+            # them the step's loss gradient; detach() has no batching rule
+            # there either.
+            return
+        a = inputs.reshape(-1, self.in_features)
+        if self.has_bias:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+        delta = grad.detach().reshape(-1, self.out_features)
+        self.acts = a
+        self.grads = delta * delta.shape[0]  # per-sample output gradients of a mean loss
+
+    def remove(self) -> None:
+        """Takes every hook off (idempotent) and drops what was recorded."""
+        self.closed = True
+        self._module_handle.remove()
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles = []
+        self.acts = self.grads = None
+
+
+def release(recorders: list[LinearRecorder]) -> None:
+    """The finalizer of a KFAC: it must not reference the KFAC itself."""
+    for recorder in recorders:
+        recorder.remove()
