@@ -82,11 +82,11 @@ def make_estimator(problem: BilevelProblem, method: str, options: dict[str, Any]
     merged |= fixed
     merged |= by_name.get(method, {})
     merged |= options or {}
-    if merged.get("curvature") == "kfac":
-        model = getattr(problem, "model", None)
-        if model is None:
-            raise ValueError(f"method {method!r} needs a problem whose inner parameters belong to a model "
-                             f"with nn.Linear layers; {problem.name!r} has none")
+    model = getattr(problem, "model", None)
+    if merged.get("curvature") == "kfac" and model is None:
+        raise ValueError(f"method {method!r} needs a problem whose inner parameters belong to a model "
+                         f"with nn.Linear layers; {problem.name!r} has none")
+    if cls is E.NHGD and model is not None:  # K-FAC's layers, or the dense form's per-sample rows
         merged.setdefault("modules", model)
     merged.setdefault("inner_lr", problem.settings.inner_lr if inner_lr is None else inner_lr)
     return cls(problem.inner_params, problem.outer_params, **merged)

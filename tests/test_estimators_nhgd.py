@@ -218,3 +218,41 @@ def test_state_dict_carries_the_trajectory_average():
     other = NHGD([prob.theta], [prob.v], cross="trajectory")
     other.load_state_dict(state)
     assert torch.equal(other._L, est._L) and other._cross_steps == 1
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_per_sample_rows_from_the_layers_equal_autograds(fisher):
+    """Rows assembled from the nn.Linear hooks (with the regularizer's share,
+    which every sample has, restored from the mean gradient) against the
+    batched backward of autograd, on a weighted loss like hyper-data
+    cleaning's."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    params = list(model.parameters())
+    v = torch.randn(12, dtype=torch.float64, requires_grad=True)  # per-sample weights
+    X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    fed = []
+
+    class Recorder:
+        takes_rows = True
+
+        def update_many(self, rows, per_step=True):
+            fed.append(rows)
+
+        def update(self, g, batch_size=1):
+            raise AssertionError("rows expected")
+
+        solve = reset = None
+
+    for modules in (model, None):
+        est = NHGD(params, [v], curvature=Recorder(), modules=modules, fisher=fisher, seed=1)
+        assert (est._layer_rows is not None) == (modules is not None)
+        out = model(X)
+        losses = torch.sigmoid(v) * F.cross_entropy(out, y, reduction="none") + 0.1 * sum(p.pow(2).sum() for p in params)
+        grads = torch.autograd.grad(losses.mean(), params, retain_graph=True)  # the hooks record this pass
+        extras = est._observations(losses, losses.mean(), out, grads)  # what inner_step hands observe
+        est.observe([g.detach() for g in grads], **extras)
+        est.close()
+    from_layers, from_autograd = fed
+    assert from_layers.shape == from_autograd.shape == (12, sum(p.numel() for p in params))
+    assert torch.allclose(from_layers, from_autograd, rtol=1e-12, atol=1e-12)

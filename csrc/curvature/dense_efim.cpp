@@ -151,12 +151,34 @@ void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
   const at::Tensor X = rows("G", G, 2);
   const int64_t k = X.size(0);
   const Coefficients c = coefficients(k, per_step);
-  const at::Tensor w = at::tensor(c.weights, at::kDouble).sqrt().to(options_).unsqueeze(1);
-  const at::Tensor H = X * w;
-  fold_in(H, c.a, 1.0, [&] {
+  // rows scaled by the square roots of their weights, for the in-place update
+  const auto woodbury = [&](const at::Tensor& H) {
     flush();
     woodbury_op().call(A_, H, c.a, status_);
-  });
+  };
+  const auto scaled = [&] { return X * at::tensor(c.weights, at::kDouble).sqrt().to(options_).unsqueeze(1); };
+  if (k < kFoldRows) {
+    const at::Tensor H = scaled();
+    fold_in(H, c.a, 1.0, [&] { woodbury(H); });
+    return;
+  }
+  // Enough rows for a fold of their own: they reach F now, in one GEMM of
+  // the state's dtype (no float64 copy to buffer), after the in-place update
+  // if it runs at all.
+  bool stale = goes_stale(c.a, k);
+  if (!stale) {
+    try {
+      woodbury(scaled());
+    } catch (const c10::Error& e) {
+      if (is_argument_error(e)) throw;
+      stale = true;
+    }
+  }
+  if (stale) mu_ = 0.0;
+  fold();
+  if (c.a != 1.0) F_.mul_(c.a);
+  add_rows(X, at::tensor(c.weights, at::kDouble).to(F_.device()));
+  advance(c.a, k);
 }
 
 // Applies the in-place update of the inverse, then records the rows for F.
@@ -192,28 +214,37 @@ void DenseEFIM::remember(const at::Tensor& rows, double a, double weight) {
   if (static_cast<int64_t>(buffered_weights_.size()) >= kFoldRows) add_buffered_rows();
 }
 
-// F_ += X^T diag(w) X over its lower triangle. F_'s own scaling waits in
-// scale_: MKL's GEMM applies a beta != 1 in a separate pass over its output,
-// which cost as much as a third of the fold.
-void DenseEFIM::add_buffered_rows() {
-  at::NoGradGuard no_grad;
-  if (buffered_rows_.empty()) return;
-  const at::Tensor X = at::cat(buffered_rows_);
-  const at::Tensor w = at::tensor(buffered_weights_, at::kDouble).to(F_.device());
+// F_ += X^T diag(w) X over its lower triangle, the products in X's dtype
+// (w: float64, on F_'s device).
+void DenseEFIM::add_rows(const at::Tensor& X, const at::Tensor& w) {
   // X^T (w X): scaling the rows of X is one contiguous pass (X^T scaled by
   // columns is a strided one, several times slower)
-  const at::Tensor Xw = X * w.unsqueeze(1);
+  const at::Tensor Xw = X * w.to(X.scalar_type()).unsqueeze(1);
   // Row strips of the lower triangle. Strip j = 1..S ends at row
   // floor(d sqrt(j / S)): the strips have about equal areas.
   int64_t start = 0;
   for (int64_t j = 1; j <= kFoldStrips; ++j) {
     const int64_t end = integer_sqrt(dim_ * dim_ * j / kFoldStrips);
     if (end > start) {
-      F_.narrow(0, start, end - start).narrow(1, 0, end).addmm_(X.narrow(1, start, end - start).mT(),
-                                                               Xw.narrow(1, 0, end));
+      at::Tensor strip = F_.narrow(0, start, end - start).narrow(1, 0, end);
+      const at::Tensor left = X.narrow(1, start, end - start).mT(), right = Xw.narrow(1, 0, end);
+      if (X.scalar_type() == at::kDouble) {
+        strip.addmm_(left, right);
+      } else {
+        strip.add_(at::mm(left, right));
+      }
     }
     start = end;
   }
+}
+
+// The buffered rows into F_. F_'s own scaling waits in scale_: MKL's GEMM
+// applies a beta != 1 in a separate pass over its output, which cost as
+// much as a third of the fold.
+void DenseEFIM::add_buffered_rows() {
+  at::NoGradGuard no_grad;
+  if (buffered_rows_.empty()) return;
+  add_rows(at::cat(buffered_rows_), at::tensor(buffered_weights_, at::kDouble).to(F_.device()));
   buffered_rows_.clear();
   buffered_weights_.clear();
 }

@@ -20,7 +20,9 @@ namespace nhgd::curvature {
 
 class DenseEFIM {
  public:
-  // Rows wait in a buffer and reach the float64 Fisher per this many, in
+  // Rows wait in a buffer (float64 copies) and reach the float64 Fisher per
+  // this many; a step of at least this many reaches it at once, its products
+  // in the state's dtype. Either way in
   // kFoldStrips GEMMs over the lower triangle (F is symmetric: only its lower
   // triangle is kept current). Few rows per fold keep each fold short (at
   // d = 1024 about four updates' time, not fifteen), so a pipeline's few
@@ -80,6 +82,7 @@ class DenseEFIM {
   template <typename Update>
   void fold_in(const at::Tensor& rows, double a, double weight, Update&& update);
   void remember(const at::Tensor& rows, double a, double weight);
+  void add_rows(const at::Tensor& X, const at::Tensor& w);
   void add_buffered_rows();
   // Whether the in-place update is skipped (the inverse then goes stale,
   // mu = 0, until the next refresh): its damping would fall below

@@ -10,9 +10,11 @@ import math
 import torch
 
 from .. import ops
+from ._finite import first_nonfinite
 
-# Rows reach the float64 Fisher per FOLD_ROWS, in FOLD_STRIPS GEMMs over its
-# lower triangle (the only part kept current); see dense_efim.h.
+# Rows reach the float64 Fisher per FOLD_ROWS (a step of that many at once, its
+# products in the state's dtype), in FOLD_STRIPS GEMMs over its lower
+# triangle (the only part kept current); see dense_efim.h.
 FOLD_ROWS, FOLD_STRIPS = 16, 4
 # F's scale stays pending until it falls below this.
 RESCALE_BELOW = 1e-30
@@ -42,7 +44,7 @@ def checked_rows(name: str, x, ndim: int, dim: int, dtype: torch.dtype, device: 
     if not x.is_floating_point():
         raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
     x = x.detach().to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(x).all()):
+    if first_nonfinite([x]) is not None:
         raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
     return x
 
@@ -89,14 +91,44 @@ class DenseEFIMCore:
 
     def update_many(self, G: torch.Tensor, per_step: bool = False) -> None:
         X = checked_rows("G", G, 2, self.dim, self.dtype, self.device)
-        a, w = step_coefficients(self.beta, self.num_samples, X.shape[0], per_step)
-        H = X * torch.tensor(w, dtype=torch.float64).sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
+        k = X.shape[0]
+        a, w = step_coefficients(self.beta, self.num_samples, k, per_step)
 
-        def woodbury():
+        def scaled():
+            return X * torch.tensor(w, dtype=torch.float64).sqrt().to(device=self.device, dtype=self.dtype).unsqueeze(1)
+
+        def woodbury(H):
             self.flush()
             ops.woodbury_(self.inverse, H, a, status=self.status)
 
-        self._fold_in(H, a, 1.0, woodbury)
+        if k < FOLD_ROWS:
+            H = scaled()
+            self._fold_in(H, a, 1.0, lambda: woodbury(H))
+            return
+        # enough rows for a fold of their own: into F now, in the state's dtype
+        stale = self._goes_stale(a, k)
+        if not stale:
+            try:
+                woodbury(scaled())
+            except NotImplementedError:
+                raise
+            except RuntimeError:
+                stale = True
+        if stale:
+            self.mu = 0.0
+        self.fold()
+        if a != 1.0:
+            self.fisher.mul_(a)
+        self._add_rows(X, torch.tensor(w, dtype=torch.float64).to(self.fisher.device))
+        self._advance(a, k)
+
+    def _goes_stale(self, a: float, k: int) -> bool:
+        return self.mu * a < self.refresh_below * self.damping or k * GRAM_ROWS_DIVISOR >= self.dim
+
+    def _advance(self, a: float, k: int) -> None:
+        self.num_updates += 1
+        self.num_samples += k
+        self.mu *= a
 
     def _fold_in(self, rows: torch.Tensor, a: float, weight: float, update) -> None:
         """Applies the in-place ``update`` of the inverse, then records the rows
@@ -105,7 +137,7 @@ class DenseEFIMCore:
         pay in place, or that the kernel refuses (the float32 state lost
         definiteness) leaves the inverse stale (mu = 0) for the next solve
         to rebuild."""
-        stale = self.mu * a < self.refresh_below * self.damping or rows.shape[0] * GRAM_ROWS_DIVISOR >= self.dim
+        stale = self._goes_stale(a, rows.shape[0])
         if not stale:
             try:
                 update()
@@ -116,9 +148,7 @@ class DenseEFIMCore:
         if stale:
             self.mu = 0.0
         self._remember(rows, a, weight)
-        self.num_updates += 1
-        self.num_samples += rows.shape[0]
-        self.mu *= a
+        self._advance(a, rows.shape[0])
 
     def _remember(self, rows: torch.Tensor, a: float, weight: float) -> None:
         """F <- a F + weight * rows^T rows, deferred to the next fold."""
@@ -132,19 +162,25 @@ class DenseEFIMCore:
         if len(self._weights) >= FOLD_ROWS:
             self._add_buffered_rows()
 
-    def _add_buffered_rows(self) -> None:
-        """fisher += X^T diag(w) X over its lower triangle, the scale left pending."""
-        if not self._rows:
-            return
-        X = torch.cat(self._rows)
-        w = torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device)
-        Xw = X * w.unsqueeze(1)
+    def _add_rows(self, X: torch.Tensor, w: torch.Tensor) -> None:
+        """fisher += X^T diag(w) X over its lower triangle, the products in X's dtype."""
+        Xw = X * w.to(X.dtype).unsqueeze(1)
         d, start = self.dim, 0
         for j in range(1, FOLD_STRIPS + 1):
             end = math.isqrt(d * d * j // FOLD_STRIPS)  # strips of about equal area
             if end > start:
-                self.fisher[start:end, :end].addmm_(X[:, start:end].mT, Xw[:, :end])
+                strip, left, right = self.fisher[start:end, :end], X[:, start:end].mT, Xw[:, :end]
+                if X.dtype == torch.float64:
+                    strip.addmm_(left, right)
+                else:
+                    strip.add_(torch.mm(left, right))
             start = end
+
+    def _add_buffered_rows(self) -> None:
+        """The buffered rows into fisher, its scale left pending."""
+        if not self._rows:
+            return
+        self._add_rows(torch.cat(self._rows), torch.tensor(self._weights, dtype=torch.float64).to(self.fisher.device))
         self._rows, self._weights = [], []
 
     def fold(self) -> None:

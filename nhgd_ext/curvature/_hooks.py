@@ -31,14 +31,16 @@ def _graph_alive(handle) -> bool:
 
 
 class LinearRecorder:
-    """Records the inputs (with a column of ones for the bias) and the
-    per-sample output gradients of one ``nn.Linear``."""
+    """Records the inputs (with a column of ones for the bias, unless
+    ``bias_column=False``) and the per-sample output gradients of one
+    ``nn.Linear``."""
 
-    def __init__(self, module: nn.Linear):
+    def __init__(self, module: nn.Linear, *, bias_column: bool = True):
         # The module is not kept: the hooks get it as an argument, and a
         # reference here would put the model in a cycle with its own hooks.
         self.in_features, self.out_features = module.in_features, module.out_features
         self.has_bias = module.bias is not None
+        self.bias_column = self.has_bias and bias_column
         self.acts: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None
         self.recording = True
@@ -68,7 +70,7 @@ class LinearRecorder:
             # there either.
             return
         a = inputs.reshape(-1, self.in_features)
-        if self.has_bias:
+        if self.bias_column:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
         delta = grad.detach().reshape(-1, self.out_features)
         self.acts = a

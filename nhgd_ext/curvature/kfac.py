@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._finite import first_nonfinite
 from ._hooks import LinearRecorder, release
 
 # Factor precision, measured: 10^4 updates of 32 rows into a 64 -> 32 layer,
@@ -262,10 +263,8 @@ class KFAC:
         captures = self._peek_captures(what) if given is None else self._check_captures(what, given)
         acts = [t.detach().to(device=self.device, dtype=self.dtype) for t in captures[0::2]]
         grads = [t.detach().to(device=self.device, dtype=self.dtype) for t in captures[1::2]]
-        # One host sync for all the finiteness checks, before any state moves.
-        finite = torch.stack([torch.isfinite(t).all() for t in [rows, *acts, *grads]])
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0, 0])
+        bad = first_nonfinite([rows, *acts, *grads])
+        if bad is not None:
             name = rows_name if bad == 0 else ("captures (layer inputs)" if bad <= len(acts)
                                                else "captures (output gradients)")
             raise ValueError(f"KFAC.{what}: argument '{name}' contains NaN or infinite values; nothing was updated")

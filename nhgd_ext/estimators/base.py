@@ -83,7 +83,7 @@ class HypergradientEstimator:
             raise ValueError(f"inner_step: argument 'batch_size' must be a positive integer, got {batch!r}")
         again = self.keeps_inner_graph or self._differentiates_again(per_sample, outputs)
         grads = grads_or_zeros(mean, self.inner_params, retain_graph=again, create_graph=self.keeps_inner_graph)
-        extras = self._observations(loss, mean, outputs)
+        extras = self._observations(loss, mean, outputs, grads)
         for p, g in zip(self.inner_params, grads):
             p.grad = g.detach()
         self._step_size = optimizer.param_groups[0].get("lr", self.inner_lr) if optimizer is not None else self.inner_lr
@@ -105,9 +105,11 @@ class HypergradientEstimator:
         """Whether :meth:`_observations` takes more derivatives of the step's loss graph."""
         return per_sample and self.wants_per_sample_rows
 
-    def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None) -> dict:
+    def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None,
+                      grads: Sequence[torch.Tensor]) -> dict:
         """Keyword arguments for :meth:`observe` beyond the gradients, taken
-        from the step's loss graph before theta moves."""
+        from the step's loss graph (whose mean gradient is ``grads``) before
+        theta moves."""
         if loss.dim() == 1 and self.wants_per_sample_rows:
             return {"rows": self._per_sample_rows(loss)}
         return {}

@@ -33,9 +33,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ops
 from ..curvature import KFAC, DenseEFIM
+from ._layer_rows import LayerRows
 from .base import Closure, HypergradientEstimator, flat, grads_or_zeros, unflat
 
 _CURVATURE_METHODS = ("update", "update_many", "solve", "reset")
@@ -58,7 +60,11 @@ class NHGD(HypergradientEstimator):
             calls averaged for ``cross="end"``.
         warm_start: keep the curvature across outer steps (else start afresh
             after every hypergradient).
-        modules: the model whose layers ``curvature="kfac"`` tracks.
+        modules: the model whose layers ``curvature="kfac"`` tracks; with
+            the dense curvature, where every inner parameter belongs to one
+            of its ``nn.Linear`` layers, the per-sample rows are assembled
+            from those layers' inputs and output gradients in the step's own
+            backward pass (no batched backward; see _layer_rows.py).
         pipeline: a :class:`nhgd_ext.pipeline.Pipeline` holding the curvature:
             the inner steps push their gradients to it and return at once,
             the consumer applies them beside the training (paper Algorithm 2).
@@ -97,7 +103,7 @@ class NHGD(HypergradientEstimator):
             raise ValueError(f"NHGD: argument 'refine' must be a non-negative integer, got {refine!r}")
         first = self.inner_params[0]
         dtype = first.dtype if dtype is None else dtype
-        self._owned = None  # a curvature built here, closed by close()
+        self._owned = []  # what close() releases: a K-FAC built here, layer hooks
         if pipeline is not None:
             if not (isinstance(curvature, str) and curvature == "dense"):
                 raise ValueError("NHGD: argument 'pipeline' carries its own curvature (Pipeline(curvature, ...)); "
@@ -115,7 +121,7 @@ class NHGD(HypergradientEstimator):
                                  "nn.Linear layers it tracks)")
             curvature = KFAC(modules, params=self.inner_params, beta=0.95 if beta is None else beta,
                              damping=damping, dtype=dtype, device=first.device)
-            self._owned = curvature
+            self._owned.append(curvature)
         elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
             raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "
                              f"{', '.join(_CURVATURE_METHODS)}; got {curvature!r}")
@@ -126,6 +132,11 @@ class NHGD(HypergradientEstimator):
         # K-FAC reads per-sample information from its layer hooks; per-sample
         # rows through a batched backward would fire those hooks inside vmap.
         self.wants_per_sample_rows = bool(per_sample) and getattr(curvature, "takes_rows", True)
+        self._layer_rows = None
+        if self.wants_per_sample_rows and isinstance(modules, nn.Module):
+            self._layer_rows = LayerRows.covering(modules, self.inner_params)
+            if self._layer_rows is not None:
+                self._owned.append(self._layer_rows)
         self._generator = None if seed is None else torch.Generator(device=first.device).manual_seed(seed)
         self._L: torch.Tensor | None = None  # trajectory average of d2_{v theta} l, d_v x d_theta
         self._cross_steps = 0
@@ -136,17 +147,24 @@ class NHGD(HypergradientEstimator):
         return (self.cross_form == "trajectory" or self.fisher == "sampled"
                 or super()._differentiates_again(per_sample, outputs))
 
-    def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None) -> dict:
+    def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None,
+                      grads: Sequence[torch.Tensor]) -> dict:
         found = {}
+        layer_rows = self._layer_rows
         if self.cross_form == "trajectory":
-            with getattr(self.curvature, "paused", contextlib.nullcontext)():
+            paused = layer_rows.paused() if layer_rows is not None else contextlib.nullcontext()
+            with getattr(self.curvature, "paused", contextlib.nullcontext)(), paused:
                 found["cross"] = self._mixed_derivative(mean)
         if self.fisher == "empirical":
-            found.update(super()._observations(loss, mean, outputs))
+            rows = layer_rows.rows(flat(grads).detach()) if layer_rows is not None and loss.dim() == 1 else None
+            found.update({"rows": rows} if rows is not None else super()._observations(loss, mean, outputs, grads))
             return found
         losses = self._sampled_losses(outputs)
         if self.wants_per_sample_rows:
-            found["rows"] = self._per_sample_rows(losses)
+            rows = None
+            if layer_rows is not None:  # the hooks record this backward pass of the sampled losses
+                rows = layer_rows.rows(flat(grads_or_zeros(losses.mean(), self.inner_params, retain_graph=True)))
+            found["rows"] = rows if rows is not None else self._per_sample_rows(losses)
         else:  # the hooks of a K-FAC curvature see this backward pass's output gradients
             found["fisher_grad"] = flat(grads_or_zeros(losses.mean(), self.inner_params))
             found["fisher_batch"] = losses.numel()
@@ -269,10 +287,11 @@ class NHGD(HypergradientEstimator):
 
     def close(self) -> None:
         """Removes what this estimator attached to the model (the hooks of a
-        K-FAC curvature it built). Idempotent."""
-        owned, self._owned = self._owned, None
-        if owned is not None:
-            owned.close()
+        K-FAC curvature it built, those giving per-sample rows). Idempotent."""
+        owned, self._owned = self._owned, []
+        for thing in owned:
+            thing.close()
+        self._layer_rows = None
 
     def __enter__(self) -> NHGD:
         return self
