@@ -14,12 +14,15 @@ import functools
 import torch
 from torch import nn
 
+# is_grads_batched runs the backward under the legacy vmap; functorch's vmap
+# wraps tensors differently. A torch with neither has none to find.
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_BATCHED_TESTS = tuple(getattr(_FUNCTORCH, name) for name in ("is_legacy_batchedtensor", "is_batchedtensor")
+                       if hasattr(_FUNCTORCH, name))
+
+
 def _is_batched_grad(grad: torch.Tensor) -> bool:
-    # is_grads_batched runs the backward under the legacy vmap; functorch's
-    # vmap wraps tensors differently. A torch with neither has none to find.
-    functorch = getattr(torch._C, "_functorch", None)
-    return any(bool(getattr(functorch, name, lambda t: False)(grad))
-               for name in ("is_legacy_batchedtensor", "is_batchedtensor"))
+    return any(test(grad) for test in _BATCHED_TESTS)
 
 
 def _graph_alive(handle) -> bool:
@@ -71,7 +74,7 @@ class LinearRecorder:
             return
         a = inputs.reshape(-1, self.in_features)
         if self.bias_column:
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+            a = torch.nn.functional.pad(a, (0, 1), value=1.0)
         delta = grad.detach().reshape(-1, self.out_features)
         self.acts = a
         self.grads = delta * delta.shape[0]  # per-sample output gradients of a mean loss

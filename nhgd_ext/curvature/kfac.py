@@ -58,6 +58,11 @@ from ._hooks import LinearRecorder, release
 # the factors, 2e-6 / 6e-7 / 2.5e-7 in the solve, whose float32 floor with
 # exact factors is 1.7e-7). The diagonal blocks' EMAs are float64 for the
 # same reason; the inverses and the solve keep the state dtype.
+#
+# A small product (n d^2 below this) is formed in float64 instead, in one
+# addmm: on factors of a few dozen rows the three calls of the float32 path
+# cost more than the arithmetic.
+_FLOAT32_PRODUCT_ABOVE = 1 << 22
 
 
 class _Block:
@@ -150,6 +155,7 @@ class KFAC:
         self.dim = sum(self._sizes)  # the length of the flat vectors of update and solve
 
         self.layers = [_Block(m, self.dtype, self.device, self._root) for m in linears]
+        self._has_diagonal = any(o is None for o in self._owner)
         self._diag = [torch.zeros(p.numel(), dtype=torch.float64, device=self.device) if o is None else None
                       for p, o in zip(self.params, self._owner)]
         self.num_updates = 0
@@ -242,7 +248,9 @@ class KFAC:
         if not isinstance(g, torch.Tensor) or not g.is_floating_point() or g.dim() != 1 or g.numel() != self.dim:
             got = f"shape {list(g.shape)}, {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
             raise ValueError(f"KFAC.update: argument 'g' must be a floating-point vector of {self.dim} entries, got {got}")
-        rows = g.detach().to(device=self.device, dtype=self.dtype).reshape(1, -1) * math.sqrt(batch_size)
+        rows = g.detach().to(device=self.device, dtype=self.dtype).reshape(1, -1)
+        if self._has_diagonal:  # else g is only checked, not used
+            rows = rows * math.sqrt(batch_size)
         self._apply("update", rows, "g", captures)
 
     def update_many(self, rows: torch.Tensor, *, per_step: bool = True,
@@ -273,16 +281,18 @@ class KFAC:
 
         a, b = self.beta, 1.0 - self.beta
         start = 0
-        for diag, size in zip(self._diag, self._sizes):
+        for diag, size in zip(self._diag, self._sizes) if self._has_diagonal else ():
             if diag is not None:
                 diag.mul_(a).add_(rows[:, start:start + size].pow(2).mean(0), alpha=b)
             start += size
         for layer, x, d in zip(self.layers, acts, grads):
             for F, r in ((layer.S, x), (layer.G, d)):
-                if r.dtype == F.dtype:
-                    F.mul_(a).addmm_(r.mT, r, alpha=b / r.shape[0])
-                else:  # the product in the state dtype, its running sum in float64 (see the note above)
+                if r.dtype != F.dtype and r.shape[0] * r.shape[1] ** 2 >= _FLOAT32_PRODUCT_ABOVE:
+                    # the product in the state dtype, its running sum in float64 (see the note above)
                     F.mul_(a).add_(r.mT @ r, alpha=b / r.shape[0])
+                else:
+                    r = r.to(F.dtype)
+                    F.addmm_(r.mT, r, beta=a, alpha=b / r.shape[0])
         self.num_updates += 1
         self._stale = True
 
