@@ -10,6 +10,7 @@ from torch import nn
 
 from nhgd_ext.curvature import KFAC
 from nhgd_ext.estimators import NHGD
+from nhgd_ext.estimators.base import grads_or_zeros
 from nhgd_testing import gen, misspecified_fisher_error
 from test_estimators_implicit import Quadratic
 
@@ -256,3 +257,43 @@ def test_per_sample_rows_from_the_layers_equal_autograds(fisher):
     from_layers, from_autograd = fed
     assert from_layers.shape == from_autograd.shape == (12, sum(p.numel() for p in params))
     assert torch.allclose(from_layers, from_autograd, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_rows_fall_back_where_the_loss_differentiates_through_the_inputs():
+    """A PINN-like loss (the square of du/dx per point) reaches the weights
+    through the derivative graph too, which the hooks do not see: the first
+    step finds the mismatch, warns, and the rows come from autograd."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    params = list(model.parameters())
+    v = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    fed = []
+
+    class Recorder:
+        takes_rows = True
+
+        def update_many(self, rows, per_step=True):
+            fed.append(rows)
+
+        update = solve = reset = None
+
+    est = NHGD(params, [v], curvature=Recorder(), modules=model)
+
+    def losses():
+        x = torch.linspace(-1, 1, 9, dtype=torch.float64).unsqueeze(1).requires_grad_()
+        du = torch.autograd.grad(model(x).sum(), x, create_graph=True)[0]
+        return (du.squeeze(1) - v).pow(2)
+
+    with pytest.warns(RuntimeWarning, match="do not match"):
+        args, extras = _step_feed(est, losses(), params)
+        est.observe(*args, **extras)
+    assert est._layer_rows is None
+    loss = losses()
+    exact = torch.stack([torch.cat([g.reshape(-1) for g in grads_or_zeros(loss[i], params, retain_graph=True)])
+                         for i in range(9)])
+    assert torch.allclose(fed[0], exact, rtol=1e-12, atol=1e-12)
+
+
+def _step_feed(est, losses, params):
+    grads = grads_or_zeros(losses.mean(), params, retain_graph=True)
+    return ([g.detach() for g in grads],), est._observations(losses, losses.mean(), None, grads)

@@ -29,6 +29,7 @@ Two forms of the cross term (d2_{v theta} l)^T w:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -132,7 +133,7 @@ class NHGD(HypergradientEstimator):
         # K-FAC reads per-sample information from its layer hooks; per-sample
         # rows through a batched backward would fire those hooks inside vmap.
         self.wants_per_sample_rows = bool(per_sample) and getattr(curvature, "takes_rows", True)
-        self._layer_rows = None
+        self._layer_rows, self._layer_rows_checked = None, False
         if self.wants_per_sample_rows and isinstance(modules, nn.Module):
             self._layer_rows = LayerRows.covering(modules, self.inner_params)
             if self._layer_rows is not None:
@@ -157,6 +158,8 @@ class NHGD(HypergradientEstimator):
                 found["cross"] = self._mixed_derivative(mean)
         if self.fisher == "empirical":
             rows = layer_rows.rows(flat(grads).detach()) if layer_rows is not None and loss.dim() == 1 else None
+            if rows is not None and not self._layer_rows_checked:
+                rows = self._check_layer_rows(rows, loss)
             found.update({"rows": rows} if rows is not None else super()._observations(loss, mean, outputs, grads))
             return found
         losses = self._sampled_losses(outputs)
@@ -164,11 +167,33 @@ class NHGD(HypergradientEstimator):
             rows = None
             if layer_rows is not None:  # the hooks record this backward pass of the sampled losses
                 rows = layer_rows.rows(flat(grads_or_zeros(losses.mean(), self.inner_params, retain_graph=True)))
+                if rows is not None and not self._layer_rows_checked:
+                    rows = self._check_layer_rows(rows, losses)
             found["rows"] = rows if rows is not None else self._per_sample_rows(losses)
         else:  # the hooks of a K-FAC curvature see this backward pass's output gradients
             found["fisher_grad"] = flat(grads_or_zeros(losses.mean(), self.inner_params))
             found["fisher_batch"] = losses.numel()
         return found
+
+    def _check_layer_rows(self, rows: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
+        """Once, on the first step: the layer rows of two samples against
+        autograd's gradients of their losses. A loss that differentiates
+        through the layers' inputs (a PINN's residual) reaches the weights
+        along paths the hooks do not see: then the rows come from autograd's
+        batched backward from now on."""
+        self._layer_rows_checked = True
+        picks = sorted({0, losses.numel() - 1})
+        exact = torch.stack([flat(grads_or_zeros(losses[i], self.inner_params, retain_graph=True)) for i in picks])
+        scale = exact.norm() + torch.finfo(exact.dtype).tiny
+        if float((rows[picks] - exact.to(rows.dtype)).norm() / scale) <= 1e-4:
+            return rows
+        warnings.warn("NHGD: the per-sample gradients assembled from the nn.Linear layers do not match autograd's "
+                      "(the loss reaches the weights outside the layers' forward pass, e.g. through input "
+                      "derivatives); using autograd's batched backward for the rows", RuntimeWarning, stacklevel=4)
+        self._owned.remove(self._layer_rows)
+        self._layer_rows.close()
+        self._layer_rows = None
+        return None
 
     def _sampled_losses(self, outputs: torch.Tensor | None) -> torch.Tensor:
         """Per-sample negative log-likelihoods at targets drawn from the model."""
