@@ -54,7 +54,8 @@ class CompactCore:
         self._norms = torch.zeros(0, dtype=_FLOAT64, device=self.device)  # |x|^2 of each slot's row
         self._gram = torch.zeros(0, 0, dtype=_FLOAT64, device=self.device)
         self._unsynced: list[int] = []  # slots whose Gram row and column are not taken yet
-        self._factor = None  # (active slots, sqrt weights, Cholesky factor of C), until the next update
+        self._free: list[int] = []  # slots without a row
+        self._factor = None  # (sqrt weights, Cholesky factor of C), until the next update
         self.rank = 0
         self.num_updates = self.num_samples = 0
         self.truncation = 0.0
@@ -79,6 +80,7 @@ class CompactCore:
         self._weights[:r] = weights
         self._norms[:r] = (self._rows[:r] ** 2).sum(1)
         self._unsynced = list(range(r))
+        self._free = (self._weights == 0).nonzero().flatten().tolist()
         self.rank = int((weights > 0).sum())
         self.num_updates, self.num_samples = int(state["num_updates"]), int(state["num_samples"])
         self.truncation = float(state["truncation"])
@@ -121,17 +123,17 @@ class CompactCore:
         self.num_samples += k
 
     def _free_slots(self, k: int) -> list[int]:
-        free = (self._weights == 0).nonzero().flatten().tolist()
-        if len(free) < k:
+        if len(self._free) < k:
             old = self._weights.shape[0]
-            self._grow(max(2 * old, old + k - len(free), 16))
-            free += list(range(old, self._weights.shape[0]))
-        return free[:k]
+            # a quarter more each time: the solve works on every slot (a free
+            # one has weight 0), so slack costs it time
+            self._grow(max(old + old // 4, old + k - len(self._free), 16))
+            self._free += list(range(old, self._weights.shape[0]))
+        taken, self._free = self._free[:k], self._free[k:]
+        return taken
 
     def _grow(self, capacity: int) -> None:
         old = self._weights.shape[0]
-        if capacity <= old:
-            return
         d, device = self.dim, self.device
         rows = torch.zeros(capacity, d, dtype=_FLOAT64, device=device)
         rows[:old] = self._rows
@@ -147,7 +149,9 @@ class CompactCore:
         if bool(drop.any()):
             self.truncation += float(mass[drop].sum())
             self._weights[drop] = 0.0
-            self.rank -= int(drop.sum())
+            dropped = drop.nonzero().flatten().tolist()
+            self._free += dropped
+            self.rank -= len(dropped)
 
     # ------------------------------------------------------------------ solve
 
@@ -155,44 +159,49 @@ class CompactCore:
         return (self._weights > 0).nonzero().flatten()
 
     def _sync_gram(self) -> None:
-        """The Gram rows and columns of the rows added since the last solve, in one GEMM."""
+        """The Gram rows and columns of the rows added since the last solve,
+        in one GEMM against every slot (a free one is masked by its weight 0)."""
         if not self._unsynced:
             return
         new = torch.tensor(sorted(set(self._unsynced)), device=self.device)
-        block = self._rows[new] @ self._rows.T  # every slot: free ones are masked out at the solve
+        self._unsynced = []
+        block = self._rows[new] @ self._rows.T
         self._gram.index_copy_(0, new, block)
         self._gram.index_copy_(1, new, block.T.contiguous())
-        self._unsynced = []
 
     def _core_factor(self):
+        """(sqrt weights, Cholesky factor of C) over every slot: a free slot's
+        weight 0 leaves it a lone lambda on C's diagonal."""
         if self._factor is None:
             self._sync_gram()
-            active = self._active()
-            s = self._weights[active].sqrt()
-            C = self._gram[active][:, active] * s.unsqueeze(1) * s.unsqueeze(0)
+            s = self._weights.sqrt()
+            C = self._gram * s.unsqueeze(1) * s.unsqueeze(0)
             C.diagonal().add_(self.damping)
-            self._factor = (active, s, torch.linalg.cholesky(C))
+            self._factor = (s, torch.linalg.cholesky(C))
         return self._factor
 
     def solve(self, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(F_kept + lambda I)^-1 v for v of shape [d] or [d, m], in ``dtype``
-        (default: the state's).
-        One step of iterative refinement recovers what the subtraction in
-        the Woodbury formula loses where F's eigenvalues dwarf lambda."""
+        (default: the state's). Where F's eigenvalues dwarf lambda the
+        subtraction in the Woodbury formula loses about eps * trace(F) /
+        lambda; one step of iterative refinement then recovers it, if that
+        loss would show in ``dtype``."""
         dtype = dtype or self.dtype
         b = v.to(device=self.device, dtype=_FLOAT64)
         b2 = b.unsqueeze(1) if b.dim() == 1 else b
         if self.rank == 0:
             return (b / self.damping).to(dtype)
-        active, s, L = self._core_factor()
-        Y = self._rows[active]
-        c = s * s
+        s, L = self._core_factor()
+        Y = self._rows
+        s1 = s.unsqueeze(1)
 
         def woodbury(rhs):
-            t = torch.cholesky_solve(s.unsqueeze(1) * (Y @ rhs), L)
-            return (rhs - Y.T @ (s.unsqueeze(1) * t)) / self.damping
+            t = torch.cholesky_solve(s1 * (Y @ rhs), L)
+            return (rhs - Y.T @ (s1 * t)) / self.damping
 
         w = woodbury(b2)
-        residual = b2 - (self.damping * w + Y.T @ (c.unsqueeze(1) * (Y @ w)))
-        w = w + woodbury(residual)
+        trace = float((self._weights * self._norms).sum())
+        if torch.finfo(_FLOAT64).eps * trace / self.damping > 0.01 * torch.finfo(dtype).eps:
+            residual = b2 - (self.damping * w + Y.T @ (s1 * s1 * (Y @ w)))
+            w = w + woodbury(residual)
         return (w.squeeze(1) if b.dim() == 1 else w).to(dtype)
