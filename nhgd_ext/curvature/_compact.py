@@ -33,6 +33,9 @@ import torch
 from ._dense_reference import checked_rows, step_coefficients
 
 _FLOAT64 = torch.float64
+# Negligible rows are looked for every this many updates: a row kept a few
+# updates longer only makes F_kept closer to F.
+_DROP_EVERY = 8
 
 
 class CompactCore:
@@ -111,16 +114,23 @@ class CompactCore:
             self._weights.mul_(a)
             self.truncation *= a
         slots = self._free_slots(k)
-        index = torch.tensor(slots, device=self.device)
-        self._rows.index_copy_(0, index, X)
-        self._norms.index_copy_(0, index, (X * X).sum(1))
-        self._weights.index_copy_(0, index, torch.tensor(weights, dtype=_FLOAT64).to(self.device))
+        if k == 1:  # plain indexing: no index tensor to build
+            slot = slots[0]
+            self._rows[slot] = X[0]
+            self._norms[slot] = X[0] @ X[0]
+            self._weights[slot] = weights[0]
+        else:
+            index = torch.tensor(slots, device=self.device)
+            self._rows.index_copy_(0, index, X)
+            self._norms.index_copy_(0, index, (X * X).sum(1))
+            self._weights.index_copy_(0, index, torch.tensor(weights, dtype=_FLOAT64).to(self.device))
         self._unsynced += slots
         self.rank += k
-        self._drop_negligible_rows()
-        self._factor = None
         self.num_updates += 1
         self.num_samples += k
+        if self.num_updates % _DROP_EVERY == 0:
+            self._drop_negligible_rows()
+        self._factor = None
 
     def _free_slots(self, k: int) -> list[int]:
         if len(self._free) < k:

@@ -19,7 +19,7 @@ Two sources for the Fisher:
 Two forms of the cross term (d2_{v theta} l)^T w:
 
 * ``cross="end"``: ``cross_batches`` closure calls at the end of the inner
-  loop, one double-backward each; no dense matrix.
+  loop, one double-backward of their mean; no dense matrix.
 * ``cross="trajectory"`` (paper Eq. 3.3): the dense d_v x d_theta mixed
   derivative averaged over the inner steps of the current outer step
   (``ops.running_average_``); one batched double-backward per step, so only
@@ -264,8 +264,13 @@ class NHGD(HypergradientEstimator):
         f_v, f_theta = self.outer_gradients(outer_loss)
         w = self.curvature.solve(f_theta)
         g_theta = None
+        if self.cross_form == "end" or self.refine:
+            # The cross term (and refine's Hessian) of the mean over M closure
+            # batches: linear in the loss, so one backward pass of the mean
+            # loss instead of one per batch.
+            batches = self.cross_batches if self.cross_form == "end" else 1
+            g_theta = self.inner_gradient(sum(inner_closure() for _ in range(batches)) / batches)
         if self.refine:
-            g_theta = self.inner_gradient(inner_closure())
             w = self._refined(g_theta, f_theta, w)
         if self.cross_form == "trajectory":
             if self._L is None:
@@ -275,12 +280,7 @@ class NHGD(HypergradientEstimator):
             # Eq. 3.3 averages over the current inner loop: v moves after this call.
             self._L, self._cross_steps = None, 0
         else:
-            cross = None
-            for _ in range(self.cross_batches):
-                g, g_theta = (self.inner_gradient(inner_closure()) if g_theta is None else g_theta), None
-                part = self.cross(g, w)
-                cross = part if cross is None else [c + p for c, p in zip(cross, part)]
-            cross = [c / self.cross_batches for c in cross]
+            cross = self.cross(g_theta, w)
         if not self.warm_start:
             self.curvature.reset()
         return self.combine(f_v, cross)
