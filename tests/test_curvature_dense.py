@@ -161,7 +161,9 @@ def test_auto_keeps_an_ema_of_batch_means_compact_and_turns_a_running_average_de
 
 def test_a_step_with_many_rows_only_reaches_the_fisher():
     """k >= d / 3 rows: no Woodbury update in place (it would cost as much as
-    the rebuild); the inverse goes stale and the next solve rebuilds it once."""
+    the rebuild); the inverse goes stale, and the next solve factorizes
+    F + damping I once (a Cholesky factor, no explicit inverse) and keeps the
+    factor until the next update."""
     d, k = 30, 12
     c = DenseEFIM(d, beta=0.8, damping=0.05, dtype=torch.float64, representation="dense")
     ref = Reference(d, 0.8)
@@ -172,7 +174,30 @@ def test_a_step_with_many_rows_only_reaches_the_fisher():
         assert c.mu == 0.0 and c.num_refreshes == 0
     v = grads(1, d, seed=50)[0]
     assert rel_err(c.solve(v), ref.solve(0.05, v)) < 1e-12
-    assert c.num_refreshes == 1 and c.mu == c.damping
+    assert rel_err(c.solve(2 * v), ref.solve(0.05, 2 * v)) < 1e-12
+    assert c.num_refreshes == 1
+    G = grads(k, d, seed=60)
+    c.update_many(G, per_step=True)
+    ref.add(G, per_step=True)
+    assert rel_err(c.solve(v), ref.solve(0.05, v)) < 1e-12
+    assert c.num_refreshes == 2
+
+
+def test_a_large_step_factorizes_at_once_where_that_costs_no_more_than_its_gram_update():
+    """k = 20 rows into d = 40 (d <= 3k): the step itself factorizes
+    F + damping I, so the solve after it only substitutes (no further
+    factorization) and is exact."""
+    d, k = 40, 20
+    c = DenseEFIM(d, beta=0.9, damping=0.01, dtype=torch.float64, representation="dense")
+    ref = Reference(d, 0.9)
+    for step in range(3):
+        G = grads(k, d, seed=70 + step)
+        c.update_many(G, per_step=True)
+        ref.add(G, per_step=True)
+        assert c.num_refreshes == step + 1
+    v = grads(1, d, seed=80)[0]
+    assert rel_err(c.solve(v), ref.solve(0.01, v)) < 1e-12
+    assert c.num_refreshes == 3
 
 
 def test_an_update_that_forgets_almost_everything_is_exact():

@@ -94,7 +94,8 @@ void DenseEFIM::reset() {
   buffered_rows_.clear();
   buffered_weights_.clear();
   scale_ = 1.0;
-  num_updates_ = num_samples_ = num_refreshes_ = 0;
+  num_updates_ = num_samples_ = num_refreshes_ = last_rows_ = 0;
+  L_ = at::Tensor();
   mu_ = damping_;
 }
 
@@ -103,6 +104,7 @@ void DenseEFIM::set_counters(int64_t num_updates, int64_t num_samples, int64_t n
   num_samples_ = num_samples;
   num_refreshes_ = num_refreshes;
   mu_ = mu;
+  L_ = at::Tensor();
   buffered_rows_.clear();
   buffered_weights_.clear();
   scale_ = 1.0;
@@ -179,6 +181,7 @@ void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
   if (c.a != 1.0) F_.mul_(c.a);
   add_rows(X, at::tensor(c.weights, at::kDouble).to(F_.device()));
   advance(c.a, k);
+  if (k * kGramRowsDivisor >= dim_ && dim_ <= kFactorizeRowsFactor * k) factorize();
 }
 
 // Applies the in-place update of the inverse, then records the rows for F.
@@ -258,15 +261,27 @@ void DenseEFIM::fold() {
 void DenseEFIM::advance(double a, int64_t k) {
   ++num_updates_;
   num_samples_ += k;
+  last_rows_ = k;
+  L_ = at::Tensor();
   mu_ *= a;
 }
 
-void DenseEFIM::refresh() {
+at::Tensor DenseEFIM::damped_fisher() {
   fold();
   at::Tensor D = F_.clone();  // only its lower triangle is current
   symmetrize_op().call(D);
   D.diagonal().add_(damping_);
-  const at::Tensor L = at::linalg_cholesky(D);
+  return D;
+}
+
+void DenseEFIM::factorize() {
+  at::NoGradGuard no_grad;
+  L_ = at::linalg_cholesky(damped_fisher());
+  ++num_refreshes_;
+}
+
+void DenseEFIM::refresh() {
+  const at::Tensor L = at::linalg_cholesky(damped_fisher());
   at::Tensor inv = at::cholesky_inverse(L).contiguous();  // LAPACK may hand it back column-major
   symmetrize_op().call(inv);  // exactly symmetric
   A_.copy_(inv);

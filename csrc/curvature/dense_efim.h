@@ -35,6 +35,11 @@ class DenseEFIM {
   // in place: a Woodbury update of that rank costs about as much as the
   // exact rebuild the next solve then makes from F (dense.py).
   static constexpr int64_t kGramRowsDivisor = 3;
+  // Such a step factorizes F + damping I at once when dim <= this many times
+  // k (the factorization, dim^3 / 3, is then at most twice the step's Gram
+  // update, k dim^2 / 2), so the solve after the inner loop finds it ready;
+  // beyond, the solve factorizes, once.
+  static constexpr int64_t kFactorizeRowsFactor = 3;
 
   // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
   // unused on the CPU, where the same problems raise.
@@ -55,6 +60,10 @@ class DenseEFIM {
   void flush();
   // inverse <- (F + damping I)^-1 exactly (float64 Cholesky), mu <- damping.
   void refresh();
+  // factor <- L with L L^T = F + damping I (float64), no explicit inverse:
+  // what a solve needs after steps too large for the in-place updates.
+  // Counted in num_refreshes; dropped by the next update.
+  void factorize();
   // After the caller has overwritten inverse, pending and fisher (load_state_dict):
   // sets the counters and drops the buffered rows.
   void set_counters(int64_t num_updates, int64_t num_samples, int64_t num_refreshes, double mu);
@@ -65,12 +74,17 @@ class DenseEFIM {
   // F itself right after fold(), otherwise F / scale_ short of the buffered
   // rows; only the lower triangle is current (see kFoldRows).
   const at::Tensor& fisher() const { return F_; }
+  // The Cholesky factor of factorize(); undefined (None) when there is none.
+  const at::Tensor& factor() const { return L_; }
 
   int64_t dim() const { return dim_; }
   int64_t num_updates() const { return num_updates_; }
   int64_t num_samples() const { return num_samples_; }
   int64_t num_refreshes() const { return num_refreshes_; }
   double mu() const { return mu_; }
+  // Rows of the last update (0 before any): whether a solve's rebuild can
+  // serve the next in-place updates or only itself (dense.py).
+  int64_t last_rows() const { return last_rows_; }
 
  private:
   struct Coefficients {
@@ -91,6 +105,7 @@ class DenseEFIM {
     return mu_ * a < refresh_below_ * damping_ || k * kGramRowsDivisor >= dim_;
   }
   void advance(double a, int64_t k);
+  at::Tensor damped_fisher();
   at::Tensor empty_pending() const;
 
   int64_t dim_;
@@ -99,14 +114,14 @@ class DenseEFIM {
   at::TensorOptions options_;
   std::optional<at::Tensor> status_;
 
-  at::Tensor A_, pending_, F_;
+  at::Tensor A_, pending_, F_, L_;
   std::vector<at::Tensor> buffered_rows_;  // float64 copies, oldest first
   std::vector<double> buffered_weights_;   // each row's weight divided by scale_ at its arrival
   // F = scale_ (F_ + the buffered rows' share): the product of the a's since
   // fold() last made F_ exact (a refresh, a state_dict, or scale_ falling
   // below kRescaleBelow).
   double scale_ = 1.0;
-  int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0;
+  int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0, last_rows_ = 0;
   // The damping the inverse currently includes: inverse = (F + mu I)^-1,
   // refresh_below * damping <= mu <= damping, or mu = 0 when the inverse is
   // stale (not updated since some rows arrived).

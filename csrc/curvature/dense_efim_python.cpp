@@ -53,16 +53,23 @@ void bind_python(py::module_& m) {
       .def("fold", &DenseEFIM::fold, nogil())
       .def("flush", &DenseEFIM::flush, nogil())
       .def("refresh", &DenseEFIM::refresh, nogil())
+      .def("factorize", &DenseEFIM::factorize, nogil())
       .def("set_counters", &DenseEFIM::set_counters, py::arg("num_updates"), py::arg("num_samples"),
            py::arg("num_refreshes"), py::arg("mu"))
       .def_property_readonly("inverse", &DenseEFIM::inverse)
       .def_property_readonly("pending", &DenseEFIM::pending)
       .def_property_readonly("fisher", &DenseEFIM::fisher)
+      .def_property_readonly("factor",
+                             [](const DenseEFIM& self) -> std::optional<at::Tensor> {
+                               if (!self.factor().defined()) return std::nullopt;
+                               return self.factor();
+                             })
       .def_property_readonly("dim", &DenseEFIM::dim)
       .def_property_readonly("num_updates", &DenseEFIM::num_updates)
       .def_property_readonly("num_samples", &DenseEFIM::num_samples)
       .def_property_readonly("num_refreshes", &DenseEFIM::num_refreshes)
-      .def_property_readonly("mu", &DenseEFIM::mu);
+      .def_property_readonly("mu", &DenseEFIM::mu)
+      .def_property_readonly("last_rows", &DenseEFIM::last_rows);
 }
 
 }  // namespace nhgd::curvature

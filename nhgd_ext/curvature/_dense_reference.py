@@ -18,8 +18,9 @@ from ._finite import first_nonfinite
 FOLD_ROWS, FOLD_STRIPS = 16, 4
 # F's scale stays pending until it falls below this.
 RESCALE_BELOW = 1e-30
-# A step of k >= dim / GRAM_ROWS_DIVISOR rows only reaches F (see dense_efim.h).
-GRAM_ROWS_DIVISOR = 3
+# A step of k >= dim / GRAM_ROWS_DIVISOR rows only reaches F, and factorizes
+# F + damping I at once if dim <= FACTORIZE_ROWS_FACTOR * k (see dense_efim.h).
+GRAM_ROWS_DIVISOR, FACTORIZE_ROWS_FACTOR = 3, 3
 
 
 def step_coefficients(beta: float | None, num_samples: int, k: int, per_step: bool) -> tuple[float, list[float]]:
@@ -64,6 +65,8 @@ class DenseEFIMCore:
         # from F, so its rounding must not accumulate
         self.fisher = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         self.num_updates = self.num_samples = self.num_refreshes = 0
+        self.last_rows = 0  # rows of the last update (see dense_efim.h)
+        self.factor = None
         self.mu = self.damping
         self._clear_buffer()
 
@@ -77,6 +80,7 @@ class DenseEFIMCore:
 
     def set_counters(self, num_updates: int, num_samples: int, num_refreshes: int, mu: float) -> None:
         self.num_updates, self.num_samples, self.num_refreshes, self.mu = num_updates, num_samples, num_refreshes, mu
+        self.factor = None
         self._clear_buffer()
 
     def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
@@ -121,6 +125,8 @@ class DenseEFIMCore:
             self.fisher.mul_(a)
         self._add_rows(X, torch.tensor(w, dtype=torch.float64).to(self.fisher.device))
         self._advance(a, k)
+        if k * GRAM_ROWS_DIVISOR >= self.dim and self.dim <= FACTORIZE_ROWS_FACTOR * k:
+            self.factorize()
 
     def _goes_stale(self, a: float, k: int) -> bool:
         return self.mu * a < self.refresh_below * self.damping or k * GRAM_ROWS_DIVISOR >= self.dim
@@ -128,7 +134,9 @@ class DenseEFIMCore:
     def _advance(self, a: float, k: int) -> None:
         self.num_updates += 1
         self.num_samples += k
+        self.last_rows = k
         self.mu *= a
+        self.factor = None
 
     def _fold_in(self, rows: torch.Tensor, a: float, weight: float, update) -> None:
         """Applies the in-place ``update`` of the inverse, then records the rows
@@ -190,12 +198,20 @@ class DenseEFIMCore:
             self.fisher.mul_(self._scale)
         self._scale = 1.0
 
-    def refresh(self) -> None:
-        """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
+    def _damped_fisher(self) -> torch.Tensor:
         self.fold()
         D = ops.symmetrize_(self.fisher.clone())  # only its lower triangle is current
         D.diagonal().add_(self.damping)
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(D)).contiguous()  # LAPACK may hand it back column-major
+        return D
+
+    def factorize(self) -> None:
+        """factor <- L with L L^T = F + damping I (float64), no explicit inverse."""
+        self.factor = torch.linalg.cholesky(self._damped_fisher())
+        self.num_refreshes += 1
+
+    def refresh(self) -> None:
+        """inverse <- (F + damping I)^-1, exactly (float64 Cholesky), mu <- damping."""
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(self._damped_fisher())).contiguous()  # LAPACK may hand it back column-major
         self.inverse.copy_(ops.symmetrize_(inv))  # exactly symmetric
         self.pending.copy_(ops.new_pending(self.dim, dtype=self.dtype, device=self.device))
         self.mu = self.damping

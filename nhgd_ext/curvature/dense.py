@@ -23,13 +23,18 @@ scales the damped matrix by some a < 1, so mu decays with it; ``solve``
 restores the exact damping by preconditioned conjugate gradients on
 (F + damping I) w = v with the kept inverse as the preconditioner, whose
 eigenvalues then lie in [1, damping / mu]. When mu would fall below
-``refresh_below * damping``, or a step has at least d / 3 rows (a Woodbury
-update of that rank costs about as much as refactorizing), the update only
-reaches F and the inverse goes stale (mu = 0): the next solve rebuilds it
-exactly from F (float64 Cholesky, counted in ``num_refreshes``). So no
-factorization ever runs inside the inner loop; at most one runs per solve,
-and only after the damping has decayed by ``refresh_below`` (a running
-average: each time the sample count has grown fourfold).
+``refresh_below * damping`` the update only reaches F and the inverse goes
+stale (mu = 0): the next solve rebuilds it exactly from F (float64
+Cholesky). So the in-place updates never factorize; a solve does, at most
+once, and only after the damping has decayed by ``refresh_below`` (a
+running average: each time the sample count has grown fourfold).
+
+A step of k >= d / 3 rows (per-sample gradients of a large batch) is not
+applied in place: a Woodbury update of that rank costs as much as
+refactorizing. It is added to F, and F + damping I is factorized (Cholesky,
+no explicit inverse): by the step itself where that costs at most twice its
+Gram update (d <= 3 k), so the solve after the inner loop finds it ready,
+else by the next solve. Every factorization is counted in ``num_refreshes``.
 
 The auto rule: compact while the rows it keeps number at most d / 2 (then
 its Gram upkeep, r d per row, stays below the dense form's d^2 per row and
@@ -53,6 +58,7 @@ import torch
 from .. import _build, ops
 from ._compact import CompactCore
 from ._dense_reference import DenseEFIMCore as _ReferenceCore
+from ._dense_reference import GRAM_ROWS_DIVISOR as _GRAM_ROWS_DIVISOR
 from ._dense_reference import checked_rows
 
 _DENSE_STATE_KEYS = ("inverse", "pending", "fisher")
@@ -144,7 +150,7 @@ class DenseEFIM:
     num_updates = property(lambda self: self._core.num_updates, doc="calls of update / update_many")
     num_samples = property(lambda self: self._core.num_samples, doc="gradients (rows) fed")
     num_refreshes = property(lambda self: self._core.num_refreshes,
-                             doc="exact rebuilds of the dense form's inverse (made by solves)")
+                             doc="factorizations of the dense form (see the module docstring)")
     mu = property(lambda self: self._core.mu,
                   doc="the damping the dense form's kept inverse includes (0: stale); the compact form's is damping")
 
@@ -273,6 +279,15 @@ class DenseEFIM:
         it is stale or its damping has decayed past ``refresh_below``, and
         once more should PCG not converge (the float32 state drifted)."""
         core = self._core
+        if core.mu < self.refresh_below * self.damping and core.last_rows * _GRAM_ROWS_DIVISOR >= self.dim:
+            # The steps are too large for the in-place updates: they only
+            # reach F, and a Cholesky factor serves the solve (the update
+            # may have made it already); an explicit inverse would be three
+            # times the work, for this solve alone.
+            if core.factor is None:
+                core.factorize()
+            L = core.factor
+            return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, b, upper=False), upper=True)
         if core.mu < self.refresh_below * self.damping:
             core.refresh()
         core.fold()  # F exact, its lower triangle current
@@ -293,6 +308,8 @@ class DenseEFIM:
             raise RuntimeError("DenseEFIM.solve: conjugate gradients did not converge on the exactly rebuilt "
                                "inverse; F or the damping may be far outside the dtype's range")
         return w
+
+
 
 
 def _pcg(apply, precondition, b: torch.Tensor, tol: float) -> tuple[torch.Tensor, bool]:
