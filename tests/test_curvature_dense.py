@@ -160,10 +160,10 @@ def test_auto_keeps_an_ema_of_batch_means_compact_and_turns_a_running_average_de
 
 
 def test_a_step_with_many_rows_only_reaches_the_fisher():
-    """k >= d / 3 rows: no Woodbury update in place (it would cost as much as
-    the rebuild); the inverse goes stale, and the next solve factorizes
-    F + damping I once (a Cholesky factor, no explicit inverse) and keeps the
-    factor until the next update."""
+    """k = 12 rows into d = 30: a Woodbury update in place would cost more
+    than one factorization per solve; the inverse goes stale, and the next
+    solve factorizes F + damping I once (a Cholesky factor, no explicit
+    inverse) and keeps the factor until the next update."""
     d, k = 30, 12
     c = DenseEFIM(d, beta=0.8, damping=0.05, dtype=torch.float64, representation="dense")
     ref = Reference(d, 0.8)
@@ -198,6 +198,24 @@ def test_a_large_step_factorizes_at_once_where_that_costs_no_more_than_its_gram_
     v = grads(1, d, seed=80)[0]
     assert rel_err(c.solve(v), ref.solve(0.01, v)) < 1e-12
     assert c.num_refreshes == 3
+
+
+@pytest.mark.parametrize("steps_per_solve", [1, 100])
+def test_the_form_of_a_rank_k_step_follows_how_often_it_is_solved(steps_per_solve):
+    """k = 4 rows into d = 200: in place (Woodbury) while solves come every
+    step (4 < 200 / 9), added to F and factorized per solve when they come
+    every 100 steps (4 >= 200 / 900, at least 2). Exact either way."""
+    d, k = 200, 4
+    c = DenseEFIM(d, beta=0.99, damping=0.01, dtype=torch.float64, representation="dense")
+    ref = Reference(d, 0.99)
+    v = grads(1, d, seed=90)[0]
+    for step in range(3 * steps_per_solve):
+        G = grads(k, d, seed=91 + step)
+        c.update_many(G, per_step=True)
+        ref.add(G, per_step=True)
+        if step % steps_per_solve == steps_per_solve - 1:
+            assert rel_err(c.solve(v), ref.solve(0.01, v)) < 1e-11
+    assert (c.mu > 0) == (steps_per_solve == 1)
 
 
 def test_an_update_that_forgets_almost_everything_is_exact():

@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -96,7 +97,13 @@ void DenseEFIM::reset() {
   scale_ = 1.0;
   num_updates_ = num_samples_ = num_refreshes_ = last_rows_ = 0;
   L_ = at::Tensor();
+  set_gram_rows(std::max<int64_t>(2, (dim_ + 9 * kAssumedStepsPerSolve - 1) / (9 * kAssumedStepsPerSolve)));
   mu_ = damping_;
+}
+
+void DenseEFIM::set_gram_rows(int64_t rows) {
+  TORCH_CHECK_VALUE(rows >= 2, "DenseEFIM: argument 'rows' must be an integer >= 2, got ", text(rows));
+  gram_rows_ = rows;
 }
 
 void DenseEFIM::set_counters(int64_t num_updates, int64_t num_samples, int64_t num_refreshes, double mu) {
@@ -181,7 +188,7 @@ void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
   if (c.a != 1.0) F_.mul_(c.a);
   add_rows(X, at::tensor(c.weights, at::kDouble).to(F_.device()));
   advance(c.a, k);
-  if (k * kGramRowsDivisor >= dim_ && dim_ <= kFactorizeRowsFactor * k) factorize();
+  if (k >= gram_rows_ && dim_ <= kFactorizeRowsFactor * k) factorize();
 }
 
 // Applies the in-place update of the inverse, then records the rows for F.

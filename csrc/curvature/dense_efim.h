@@ -31,14 +31,20 @@ class DenseEFIM {
   static constexpr int64_t kFoldStrips = 4;
   // F's scale waits in scale_ (see there) until it falls below this.
   static constexpr double kRescaleBelow = 1e-30;
-  // A step of k >= dim / kGramRowsDivisor rows is not applied to the inverse
-  // in place: a Woodbury update of that rank costs about as much as the
-  // exact rebuild the next solve then makes from F (dense.py).
-  static constexpr int64_t kGramRowsDivisor = 3;
-  // Such a step factorizes F + damping I at once when dim <= this many times
-  // k (the factorization, dim^3 / 3, is then at most twice the step's Gram
-  // update, k dim^2 / 2), so the solve after the inner loop finds it ready;
-  // beyond, the solve factorizes, once.
+  // A step of at least gram_rows() rows is not applied to the inverse in
+  // place: it is added to F, and F + damping I is factorized instead. A
+  // Woodbury update of k rows costs about 4 k d^2, the Gram update k d^2,
+  // and one factorization, d^3 / 3, serves every step before the next solve:
+  // in place pays while k < d / (9 T), T the steps per solve. DenseEFIM
+  // (dense.py) sets it from the steps it sees between solves; until the
+  // first, T = kAssumedStepsPerSolve. A single row always goes in place: the
+  // fused Sherman-Morrison kernel makes one pass over the inverse, about
+  // what adding the row to F costs.
+  static constexpr int64_t kAssumedStepsPerSolve = 10;
+  // Such a step factorizes at once when dim <= this many times k (the
+  // factorization, dim^3 / 3, is then at most twice the step's Gram update,
+  // k dim^2 / 2), so the solve after the inner loop finds it ready; beyond,
+  // the solve factorizes, once.
   static constexpr int64_t kFactorizeRowsFactor = 3;
 
   // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
@@ -85,6 +91,8 @@ class DenseEFIM {
   // Rows of the last update (0 before any): whether a solve's rebuild can
   // serve the next in-place updates or only itself (dense.py).
   int64_t last_rows() const { return last_rows_; }
+  int64_t gram_rows() const { return gram_rows_; }
+  void set_gram_rows(int64_t rows);
 
  private:
   struct Coefficients {
@@ -102,7 +110,7 @@ class DenseEFIM {
   // mu = 0, until the next refresh): its damping would fall below
   // refresh_below * damping, or the step has too many rows.
   bool goes_stale(double a, int64_t k) const {
-    return mu_ * a < refresh_below_ * damping_ || k * kGramRowsDivisor >= dim_;
+    return mu_ * a < refresh_below_ * damping_ || k >= gram_rows_;
   }
   void advance(double a, int64_t k);
   at::Tensor damped_fisher();
@@ -121,7 +129,7 @@ class DenseEFIM {
   // fold() last made F_ exact (a refresh, a state_dict, or scale_ falling
   // below kRescaleBelow).
   double scale_ = 1.0;
-  int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0, last_rows_ = 0;
+  int64_t num_updates_ = 0, num_samples_ = 0, num_refreshes_ = 0, last_rows_ = 0, gram_rows_ = 1;
   // The damping the inverse currently includes: inverse = (F + mu I)^-1,
   // refresh_below * damping <= mu <= damping, or mu = 0 when the inverse is
   // stale (not updated since some rows arrived).

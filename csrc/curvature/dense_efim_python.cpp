@@ -54,6 +54,7 @@ void bind_python(py::module_& m) {
       .def("flush", &DenseEFIM::flush, nogil())
       .def("refresh", &DenseEFIM::refresh, nogil())
       .def("factorize", &DenseEFIM::factorize, nogil())
+      .def("set_gram_rows", &DenseEFIM::set_gram_rows, py::arg("rows"))
       .def("set_counters", &DenseEFIM::set_counters, py::arg("num_updates"), py::arg("num_samples"),
            py::arg("num_refreshes"), py::arg("mu"))
       .def_property_readonly("inverse", &DenseEFIM::inverse)
@@ -69,7 +70,8 @@ void bind_python(py::module_& m) {
       .def_property_readonly("num_samples", &DenseEFIM::num_samples)
       .def_property_readonly("num_refreshes", &DenseEFIM::num_refreshes)
       .def_property_readonly("mu", &DenseEFIM::mu)
-      .def_property_readonly("last_rows", &DenseEFIM::last_rows);
+      .def_property_readonly("last_rows", &DenseEFIM::last_rows)
+      .def_property_readonly("gram_rows", &DenseEFIM::gram_rows);
 }
 
 }  // namespace nhgd::curvature

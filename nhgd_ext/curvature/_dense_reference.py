@@ -18,9 +18,10 @@ from ._finite import first_nonfinite
 FOLD_ROWS, FOLD_STRIPS = 16, 4
 # F's scale stays pending until it falls below this.
 RESCALE_BELOW = 1e-30
-# A step of k >= dim / GRAM_ROWS_DIVISOR rows only reaches F, and factorizes
-# F + damping I at once if dim <= FACTORIZE_ROWS_FACTOR * k (see dense_efim.h).
-GRAM_ROWS_DIVISOR, FACTORIZE_ROWS_FACTOR = 3, 3
+# A step of k >= gram_rows rows only reaches F, and factorizes F + damping I
+# at once if dim <= FACTORIZE_ROWS_FACTOR * k; gram_rows assumes
+# ASSUMED_STEPS_PER_SOLVE until told (see dense_efim.h).
+ASSUMED_STEPS_PER_SOLVE, FACTORIZE_ROWS_FACTOR = 10, 3
 
 
 def step_coefficients(beta: float | None, num_samples: int, k: int, per_step: bool) -> tuple[float, list[float]]:
@@ -67,6 +68,8 @@ class DenseEFIMCore:
         self.num_updates = self.num_samples = self.num_refreshes = 0
         self.last_rows = 0  # rows of the last update (see dense_efim.h)
         self.factor = None
+        per = 9 * ASSUMED_STEPS_PER_SOLVE
+        self.gram_rows = max(2, (self.dim + per - 1) // per)
         self.mu = self.damping
         self._clear_buffer()
 
@@ -125,11 +128,16 @@ class DenseEFIMCore:
             self.fisher.mul_(a)
         self._add_rows(X, torch.tensor(w, dtype=torch.float64).to(self.fisher.device))
         self._advance(a, k)
-        if k * GRAM_ROWS_DIVISOR >= self.dim and self.dim <= FACTORIZE_ROWS_FACTOR * k:
+        if k >= self.gram_rows and self.dim <= FACTORIZE_ROWS_FACTOR * k:
             self.factorize()
 
     def _goes_stale(self, a: float, k: int) -> bool:
-        return self.mu * a < self.refresh_below * self.damping or k * GRAM_ROWS_DIVISOR >= self.dim
+        return self.mu * a < self.refresh_below * self.damping or k >= self.gram_rows
+
+    def set_gram_rows(self, rows: int) -> None:
+        if rows < 2:
+            raise ValueError(f"DenseEFIM: argument 'rows' must be an integer >= 2, got {rows}")
+        self.gram_rows = rows
 
     def _advance(self, a: float, k: int) -> None:
         self.num_updates += 1

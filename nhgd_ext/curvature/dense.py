@@ -29,12 +29,16 @@ Cholesky). So the in-place updates never factorize; a solve does, at most
 once, and only after the damping has decayed by ``refresh_below`` (a
 running average: each time the sample count has grown fourfold).
 
-A step of k >= d / 3 rows (per-sample gradients of a large batch) is not
-applied in place: a Woodbury update of that rank costs as much as
-refactorizing. It is added to F, and F + damping I is factorized (Cholesky,
-no explicit inverse): by the step itself where that costs at most twice its
-Gram update (d <= 3 k), so the solve after the inner loop finds it ready,
-else by the next solve. Every factorization is counted in ``num_refreshes``.
+A step of k >= 2 rows (per-sample gradients) goes in place only while that
+is cheaper than factorizing once per solve: a Woodbury update of k rows
+costs about 4 k d^2, adding them to F k d^2, a factorization d^3 / 3, so in
+place pays while k < d / (9 T), T the steps between solves (learnt from
+the solves seen; 10 until the first). A larger step is added to F, and
+F + damping I is factorized (Cholesky, no explicit inverse): by the step
+itself where that costs at most twice its Gram update (d <= 3 k), so the
+solve after the inner loop finds it ready, else by the next solve. A single
+row always goes in place (the fused Sherman-Morrison kernel). Every
+factorization is counted in ``num_refreshes``.
 
 The auto rule: compact while the rows it keeps number at most d / 2 (then
 its Gram upkeep, r d per row, stays below the dense form's d^2 per row and
@@ -58,7 +62,6 @@ import torch
 from .. import _build, ops
 from ._compact import CompactCore
 from ._dense_reference import DenseEFIMCore as _ReferenceCore
-from ._dense_reference import GRAM_ROWS_DIVISOR as _GRAM_ROWS_DIVISOR
 from ._dense_reference import checked_rows
 
 _DENSE_STATE_KEYS = ("inverse", "pending", "fisher")
@@ -120,6 +123,8 @@ class DenseEFIM:
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
         self._core = self._new_core("dense" if representation == "dense" else "compact")
 
+    _updates_at_solve = 0  # the dense core's num_updates at the last solve
+
     def _new_core(self, kind: str):
         if kind == "compact":
             return CompactCore(self.dim, self.beta, self.damping, self.window_tol, self.dtype, self.device)
@@ -142,6 +147,7 @@ class DenseEFIM:
 
     def reset(self) -> None:
         """Back to no samples: F = 0, in the representation it started in."""
+        self._updates_at_solve = 0
         if self.requested_representation == "auto" and self.representation == "dense":
             self._core = self._new_core("compact")
         else:
@@ -178,6 +184,7 @@ class DenseEFIM:
             state = {k: getattr(core, k).clone() for k in _DENSE_STATE_KEYS}
             ops.symmetrize_(state["fisher"])  # the core keeps its lower triangle current
             state.update({k: getattr(core, k) for k in _DENSE_COUNTER_KEYS})
+            state.update(gram_rows=core.gram_rows, updates_at_solve=self._updates_at_solve)
         state["representation"] = self.representation
         state["config"] = self._config()
         return state
@@ -201,7 +208,9 @@ class DenseEFIM:
             for key, target in zip(_DENSE_STATE_KEYS, targets):
                 target.copy_(state[key])
             core.set_counters(*(state[key] for key in _DENSE_COUNTER_KEYS))
+            core.set_gram_rows(int(state["gram_rows"]))
         self._core = core
+        self._updates_at_solve = int(state.get("updates_at_solve", 0))
 
     # ---------------------------------------------------------------- updates
 
@@ -241,7 +250,7 @@ class DenseEFIM:
         dense.fisher.copy_(core.fisher())
         # mu = 0: the inverse is stale, and the next solve builds it from F
         dense.set_counters(core.num_updates, core.num_samples, 0, 0.0)
-        self._core = dense
+        self._core, self._updates_at_solve = dense, core.num_updates
 
     # -------------------------------------------------------------- read-outs
 
@@ -273,13 +282,24 @@ class DenseEFIM:
         w = self._dense_solve(b.unsqueeze(1) if b.dim() == 1 else b)
         return (w.squeeze(1) if b.dim() == 1 else w).to(self.dtype)
 
+    def _learn_steps_per_solve(self) -> None:
+        """Tells the dense core how many steps came since the last solve: a
+        step of k >= 2 rows goes in place only while that is cheaper than one
+        factorization per solve (k < d / (9 T), see dense_efim.h)."""
+        core = self._core
+        steps = core.num_updates - self._updates_at_solve
+        self._updates_at_solve = core.num_updates
+        if steps > 0:
+            core.set_gram_rows(max(2, math.ceil(self.dim / (9 * steps))))
+
     def _dense_solve(self, b: torch.Tensor) -> torch.Tensor:
         """PCG on (F + damping I) w = b (float64, columns independent), with the
         kept inverse as the preconditioner. Rebuilds that inverse first when
         it is stale or its damping has decayed past ``refresh_below``, and
         once more should PCG not converge (the float32 state drifted)."""
         core = self._core
-        if core.mu < self.refresh_below * self.damping and core.last_rows * _GRAM_ROWS_DIVISOR >= self.dim:
+        self._learn_steps_per_solve()
+        if core.mu < self.refresh_below * self.damping and core.last_rows >= core.gram_rows:
             # The steps are too large for the in-place updates: they only
             # reach F, and a Cholesky factor serves the solve (the update
             # may have made it already); an explicit inverse would be three

@@ -289,10 +289,14 @@ class NHGD(HypergradientEstimator):
         """``refine`` steps of conjugate gradients on H w = b from w, with the
         curvature's solve as the preconditioner."""
         w = w.to(b.dtype)
+        # where the residual is at rounding level, more steps only add noise
+        floor = torch.finfo(b.dtype).eps ** 2 * abs(float(b @ w))
         r = b - self.hvp(g_theta, w)
         z = self.curvature.solve(r).to(b.dtype)
         p, rz = z.clone(), r @ z
         for step in range(self.refine):
+            if not rz > floor:
+                break
             q = self.hvp(g_theta, p)
             pq = p @ q
             if not pq > 0:  # converged, or H is not positive definite along p: w is as good as it gets
