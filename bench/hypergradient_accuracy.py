@@ -171,6 +171,7 @@ def estimators(p: Problem, lam_max: float):
         "nhgd-sampled-refine2": lambda: NHGD(params, v, refine=2, **sampled),
         "nhgd-sampled-refine3": lambda: NHGD(params, v, refine=3, **sampled),
         "nhgd-mean": lambda: NHGD(params, v, per_sample=False, beta=0.8, damping=lam),
+        "nhgd-mean-refine3": lambda: NHGD(params, v, per_sample=False, beta=0.8, damping=lam, refine=3),
         "nhgd-kfac": lambda: NHGD(params, v, **kfac),
         "nhgd-kfac-refine3": lambda: NHGD(params, v, refine=3, **kfac),
         "cg10": lambda: ConjugateGradient(params, v, iters=10),

@@ -153,8 +153,7 @@ class NHGD(HypergradientEstimator):
         found = {}
         layer_rows = self._layer_rows
         if self.cross_form == "trajectory":
-            paused = layer_rows.paused() if layer_rows is not None else contextlib.nullcontext()
-            with getattr(self.curvature, "paused", contextlib.nullcontext)(), paused:
+            with self._hooks_paused():
                 found["cross"] = self._mixed_derivative(mean)
         if self.fisher == "empirical":
             rows = layer_rows.rows(flat(grads).detach()) if layer_rows is not None and loss.dim() == 1 else None
@@ -261,6 +260,18 @@ class NHGD(HypergradientEstimator):
         if fed == 0:
             raise RuntimeError("NHGD.hypergradient: the curvature has seen no inner step yet (call inner_step or "
                                "observe first): there is no Fisher to solve with")
+        # the backward passes below are not inner steps: layer hooks record none of them
+        with self._hooks_paused():
+            return self._hypergradient(outer_loss, inner_closure)
+
+    def _hooks_paused(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(getattr(self.curvature, "paused", contextlib.nullcontext)())
+        if self._layer_rows is not None:
+            stack.enter_context(self._layer_rows.paused())
+        return stack
+
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         w = self.curvature.solve(f_theta)
         g_theta = None
