@@ -1,7 +1,7 @@
 """DenseEFIM's update with its compiled core (csrc/curvature/dense_efim.cpp)
 against the same rules in PyTorch from Python (curvature/_dense_reference.py),
 on the same state and rows: what the C++ core saves per update, before any
-pipelining (DESIGN.md §6).
+pipelining (docs/design.md §6).
 
     .venv/bin/python -m pytest bench/bench_curvature.py --benchmark-only
 

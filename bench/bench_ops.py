@@ -1,5 +1,5 @@
 """Op microbenchmarks: every nhgd_ext op against the best eager PyTorch
-composition of the same math, on the same inputs (DESIGN.md §6).
+composition of the same math, on the same inputs (docs/design.md §6).
 
     .venv/bin/python -m pytest bench/bench_ops.py --benchmark-only
 
@@ -264,7 +264,7 @@ def _check_same(op_step, eager_step, A, x):
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_reference(benchmark, device, d):
     """A d x d float32 copy (reads and writes 8 d^2 bytes): the bandwidth the
-    bandwidth-bound ops are measured against (DESIGN.md §6)."""
+    bandwidth-bound ops are measured against (docs/design.md §6)."""
     if device == "cpu" and d > 2048:
         pytest.skip("the CPU groups stop at d = 2048")
     src = torch.randn(d, d, device=device)

@@ -1,4 +1,4 @@
-"""The kernels of nhgd_ext (DESIGN.md §3.1), as plain Python functions.
+"""The kernels of nhgd_ext (docs/design.md §3.1), as plain Python functions.
 
 Each function updates its state in place and returns it. ``a`` and ``b`` may be
 Python floats or 0-d tensors; a 0-d tensor on the state's CUDA device is never
@@ -116,7 +116,7 @@ def _coeffs(op: str, **values) -> tuple[bool, list]:
 def sherman_morrison_(
     A: torch.Tensor, g: torch.Tensor, a, b, *, status: torch.Tensor | None = None, lower_only: bool = False
 ) -> torch.Tensor:
-    """A <- (a M + b g g^T)^-1 for A = M^-1 (DESIGN.md §2.1); batched for A n x d x d, g n x d.
+    """A <- (a M + b g g^T)^-1 for A = M^-1 (docs/design.md §2.1); batched for A n x d x d, g n x d.
 
     The product A g reads only the lower triangle of A. With ``lower_only``,
     only the lower triangle is updated too (half the memory traffic); the
@@ -179,7 +179,7 @@ def symmetrize_(A: torch.Tensor) -> torch.Tensor:
 
 
 def woodbury_(A: torch.Tensor, H: torch.Tensor, a, *, status: torch.Tensor | None = None) -> torch.Tensor:
-    """A <- (a M + H^T H)^-1 for A = M^-1, H k x d (DESIGN.md §2.2); batched for A n x d x d, H n x k x d."""
+    """A <- (a M + H^T H)^-1 for A = M^-1, H k x d (docs/design.md §2.2); batched for A n x d x d, H n x k x d."""
     op = "woodbury_"
     A, H = _tensor(op, "A", A), _tensor(op, "H", H)
     as_tensors, (ca,) = _coeffs(op, a=a)
@@ -189,7 +189,7 @@ def woodbury_(A: torch.Tensor, H: torch.Tensor, a, *, status: torch.Tensor | Non
 
 
 def kfac_update_(S_inv, G_inv, acts, grads, a, b, *, status: torch.Tensor | None = None):
-    """For every layer i, on the inverses in place (DESIGN.md §2.3):
+    """For every layer i, on the inverses in place (docs/design.md §2.3):
     S_i <- a S_i + (b/n_i) acts_i^T acts_i and G_i <- a G_i + (b/m_i) grads_i^T grads_i.
     Returns (S_inv, G_inv)."""
     op = "kfac_update_"
@@ -210,7 +210,7 @@ def kfac_apply(S_inv, G_inv, V) -> list[torch.Tensor]:
 
 
 def running_average_(L: torch.Tensor, B: torch.Tensor, a, b, *, status: torch.Tensor | None = None) -> torch.Tensor:
-    """L <- a L + b B (DESIGN.md §2.4)."""
+    """L <- a L + b B (docs/design.md §2.4)."""
     op = "running_average_"
     L, B = _tensor(op, "L", L), _tensor(op, "B", B)
     as_tensors, (ca, cb) = _coeffs(op, a=a, b=b)

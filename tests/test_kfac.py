@@ -1,4 +1,4 @@
-"""kfac_update_ / kfac_apply (DESIGN.md §2.3): per layer i,
+"""kfac_update_ / kfac_apply (docs/design.md §2.3): per layer i,
 S_i <- a S_i + (b/n_i) acts_i^T acts_i and G_i <- a G_i + (b/m_i) grads_i^T grads_i,
 applied to the inverses S_inv[i], G_inv[i] in place; kfac_apply gives
 G_inv[i] @ V[i] @ S_inv[i]."""

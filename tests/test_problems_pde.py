@@ -1,4 +1,4 @@
-"""The PINN problems (DESIGN.md §3.5): the heat-equation control of the
+"""The PINN problems (docs/design.md §3.5): the heat-equation control of the
 paper's App. E.3 and the 1-D Poisson control with a closed-form
 hypergradient. Tiny networks in float64; every derivative is checked against
 central finite differences, the closed forms against quadrature."""

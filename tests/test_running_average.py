@@ -1,4 +1,4 @@
-"""running_average_: L <- a L + b B, any shape (DESIGN.md §2.4)."""
+"""running_average_: L <- a L + b B, any shape (docs/design.md §2.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""sherman_morrison_: A = M^-1 <- (a M + b g g^T)^-1 (DESIGN.md §2.1).
+"""sherman_morrison_: A = M^-1 <- (a M + b g g^T)^-1 (docs/design.md §2.1).
 
 Every expectation is the float64 inverse of the accumulated M, never the
 update formula itself (the paper's Algorithm 2 misprints it).

@@ -1,4 +1,4 @@
-"""woodbury_: A = M^-1 <- (a M + H^T H)^-1, H k x d (DESIGN.md §2.2)."""
+"""woodbury_: A = M^-1 <- (a M + H^T H)^-1, H k x d (docs/design.md §2.2)."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_cpu_status_untouched(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_indefinite_state_does_not_continue_silently_on_cpu(dtype):
     """a I + H A H^T not positive definite (A lost definiteness): the CPU op
-    must raise (DESIGN.md §2.5: "repair or raise, never continue silently")
+    must raise (docs/design.md §2.5: "repair or raise, never continue silently")
     and leave A unchanged."""
     A = -2 * torch.eye(3, dtype=dtype)
     H = torch.zeros(1, 3, dtype=dtype)

@@ -13,7 +13,7 @@ namespace nhgd::cpu {
 // left stale, for symmetrize_); otherwise all of A, which stays exactly
 // symmetric when it was.
 void sherman_morrison_(const at::Tensor& A, const at::Tensor& g, double a, double b, bool lower_only);
-// Deferred form on the lower triangle (DESIGN.md §2.1, one pass over A per
+// Deferred form on the lower triangle (docs/design.md §2.1, one pass over A per
 // update): the state is the pair (A, pending) with pending = [alpha, c, u]
 // meaning A_true = alpha tril-sym(A) - c u u^T. Each call applies the pending
 // update in the pass that computes A_true g, then leaves the new update

@@ -1,4 +1,4 @@
-// Running cross-derivative average L <- a L + b B (DESIGN.md §2.4), one pass.
+// Running cross-derivative average L <- a L + b B (docs/design.md §2.4), one pass.
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 #include "checks.h"

@@ -1,5 +1,5 @@
 // Sherman-Morrison update of a symmetric inverse, A' = A/a - (s/a) u u^T / (1 + s q)
-// with u = A g, q = g^T u, s = b/a (DESIGN.md §2.1).
+// with u = A g, q = g^T u, s = b/a (docs/design.md §2.1).
 //
 // The eager composition (A @ g, then addr_) moves 3 d^2 numbers. Here the
 // product reads only the lower triangle (d^2/2: each entry below the diagonal

@@ -1,4 +1,4 @@
-// Rank-k (Woodbury) update of a symmetric inverse, M' = a M + H^T H (DESIGN.md §2.2):
+// Rank-k (Woodbury) update of a symmetric inverse, M' = a M + H^T H (docs/design.md §2.2):
 //   U = A H^T,  C = a I_k + H U = L L^T,  Y = U L^-T,  A' = (A - Y Y^T) / a.
 // K-FAC factor updates are the same step with H = sqrt(b/n) * rows, so both
 // ops share the two halves below: `prepare` (reads A, may fail) and `apply`

@@ -1,5 +1,5 @@
 // Grouped GEMM and grouped symmetric rank-k downdate, for woodbury_,
-// kfac_update_ and kfac_apply (DESIGN.md §2.2, §2.3).
+// kfac_update_ and kfac_apply (docs/design.md §2.2, §2.3).
 //
 // A "grouped" launch takes up to kMaxGroupProblems independent problems of
 // different shapes (by value, in the kernel parameters: no descriptor upload,

@@ -1,4 +1,4 @@
-// Sherman-Morrison update (DESIGN.md §2.1) as one fused launch, plus the two
+// Sherman-Morrison update (docs/design.md §2.1) as one fused launch, plus the two
 // other bandwidth-bound kernels: symmetrize (mirror the lower triangle) and
 // the running average L <- a L + b B.
 //

@@ -1,4 +1,4 @@
-"""Inverse-curvature state for NHGD (DESIGN.md §3.2)."""
+"""Inverse-curvature state for NHGD (docs/design.md §3.2)."""
 
 from .dense import DenseEFIM
 from .kfac import KFAC

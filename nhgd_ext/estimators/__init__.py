@@ -1,4 +1,4 @@
-"""Hypergradient estimators behind one protocol (DESIGN.md §3.3)."""
+"""Hypergradient estimators behind one protocol (docs/design.md §3.3)."""
 
 from .base import HypergradientEstimator
 from .broyden import Broyden

@@ -1,4 +1,4 @@
-"""The protocol every hypergradient estimator follows (DESIGN.md §3.3).
+"""The protocol every hypergradient estimator follows (docs/design.md §3.3).
 
     est = Method(inner_params, outer_params, **options)
     for t in range(T):

@@ -1,4 +1,4 @@
-"""Producer-consumer pipeline for the curvature updates (DESIGN.md §3.4, paper Algorithm 2)."""
+"""Producer-consumer pipeline for the curvature updates (docs/design.md §3.4, paper Algorithm 2)."""
 
 from ._messages import PipelineClosed, PipelineError
 from ._pipeline import Pipeline, engine_kind

@@ -1,5 +1,5 @@
 """The paper's bilevel problems and two with closed-form hypergradients
-(DESIGN.md section 3.5). Imported lazily: a user of one problem does not pay
+(docs/design.md §3.5). Imported lazily: a user of one problem does not pay
 for the others' dependencies (scikit-learn for the digits, for instance)."""
 
 from __future__ import annotations

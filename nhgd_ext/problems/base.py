@@ -5,7 +5,7 @@
 A problem owns its tensors (inner parameters theta, outer parameters v, data),
 samples its own batches from its own generator (so a seed fixes a run), and
 reports its metrics. The estimators never see a problem: the runner turns one
-into the calls of the estimator protocol (DESIGN.md section 3.3).
+into the calls of the estimator protocol (docs/design.md §3.3).
 """
 
 from __future__ import annotations
