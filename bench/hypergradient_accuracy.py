@@ -18,9 +18,10 @@ inner steps of batch 256 (64 for the logistic problem) at theta* (step size
 Fisher lacks). The exact hypergradient uses the dense
 float64 Hessian (d <= 2,410) or conjugate gradients run to a relative
 residual of 1e-12 (mnist). Time per call: the median of 5 hypergradient
-calls, each after one more (untimed) inner step, so every call pays what a
-call after an inner loop pays (the dense form's rebuild, K-FAC's factor
-inverses, the compact form's Gram upkeep).
+calls, each after 10 more (untimed) inner steps, so every call pays what a
+call after an inner loop pays (the dense form's factorization where its
+steps did not make it, K-FAC's factor inverses, the compact form's Gram
+upkeep).
 
     python bench/hypergradient_accuracy.py [--threads 1] [--problems logistic,softmax,mlp,mnist]
 """
@@ -188,11 +189,11 @@ def feed(p: Problem, est, steps: int):
         est.inner_step(losses if per_sample else losses.mean(), frozen, batch_size=p.batch, outputs=out)
 
 
-def measure(p: Problem, est, exact, calls: int = 5):
+def measure(p: Problem, est, exact, calls: int = 5, steps_between: int = 10):
     first, times = None, []
     for i in range(calls):
         if i:
-            feed(p, est, 1)
+            feed(p, est, steps_between)
         tick = time.perf_counter()
         (h,) = est.hypergradient(p.outer(), p.inner)
         times.append(time.perf_counter() - tick)

@@ -21,20 +21,11 @@ import time
 import nhgd_ext
 from nhgd_ext import problems
 
-CLEANING_METHODS = ["nhgd", "nhgd-rank1", "nhgd-kfac", "stocbio", "amigo", "ttsa", "soba", "aid", "neumann10",
+CLEANING_METHODS = ["nhgd", "nhgd-mean", "nhgd-kfac", "stocbio", "amigo", "ttsa", "soba", "aid", "neumann10",
                     "neumann40", "cg10", "cg40", "broyden", "none"]
-DISTILLATION_METHODS = ["nhgd", "nhgd-rank1", "nhgd-sampled", "nhgd-kfac", "amigo", "ttsa", "soba", "aid",
+DISTILLATION_METHODS = ["nhgd", "nhgd-mean", "nhgd-sampled", "nhgd-kfac", "amigo", "ttsa", "soba", "aid",
                         "neumann10", "neumann40", "cg10", "cg40", "broyden", "none"]
 HEAT_METHODS = ["nhgd", "nhgd-sampled", "broyden", "cg10"]
-#: rows of the tables that are a runner method with other options: NHGD fed the
-#: batch-mean gradient (one rank-one update per inner step, the paper's form)
-#: instead of the per-sample rows
-VARIANTS = {"nhgd-rank1": ("nhgd", {"per_sample": False})}
-
-
-def _run(problem, name, **kwargs):
-    method, options = VARIANTS.get(name, (name, {}))
-    return nhgd_ext.run(problem, method, options=options, **kwargs)
 
 
 def _spread(values: list[float]) -> str:
@@ -53,9 +44,9 @@ def compare(make, methods, seeds, outer_steps, inner_steps, last, metric):
     for method in methods:
         losses, scores, times = [], [], []
         for seed in seeds:
-            _run(copy.deepcopy(pristine[seed]), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
-            h = _run(copy.deepcopy(pristine[seed]), method, outer_steps=outer_steps, inner_steps=inner_steps,
-                     seed=seed)
+            nhgd_ext.run(copy.deepcopy(pristine[seed]), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
+            h = nhgd_ext.run(copy.deepcopy(pristine[seed]), method, outer_steps=outer_steps,
+                             inner_steps=inner_steps, seed=seed)
             losses.append(h.mean_over_last("outer_loss", last))
             scores.append(h.mean_over_last(metric, last))
             times.append(h.final["wall_time"])
@@ -75,9 +66,9 @@ def heat(methods, outer_steps: int, inner_steps: int, scale: str, seed: int) -> 
     print(f"(setup incl. pretraining: {time.perf_counter() - start:.1f} s)")
     histories = {}
     for method in methods:
-        _run(copy.deepcopy(pristine), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
-        histories[method] = _run(copy.deepcopy(pristine), method, outer_steps=outer_steps,
-                                 inner_steps=inner_steps, seed=seed)
+        nhgd_ext.run(copy.deepcopy(pristine), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
+        histories[method] = nhgd_ext.run(copy.deepcopy(pristine), method, outer_steps=outer_steps,
+                                         inner_steps=inner_steps, seed=seed)
     target = histories["broyden"].final["outer_loss"] if "broyden" in histories else None
     print(f"| method | outer loss at start | at end | test error at end | loop time [s] | "
           f"time to outer loss <= {target:.4g} [s] | (time: outer loss) |")

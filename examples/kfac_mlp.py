@@ -123,7 +123,7 @@ def fit(args, data, learn_weights: bool) -> dict:
                     print(f"outer step {outer:4d}  validation loss {float(F.cross_entropy(model(val_x), val_y)):.4f}"
                           f"  class weights {' '.join(f'{w:.2f}' for w in class_weights().tolist())}")
     if learn_weights:
-        est.curvature.remove_hooks()  # K-FAC's hooks would otherwise stay on the model
+        est.close()  # takes K-FAC's hooks off the model
 
     test_x, test_y = data["test"]
     with torch.no_grad():

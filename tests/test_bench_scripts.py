@@ -22,8 +22,8 @@ def _run(*argv: str) -> str:
 
 
 @pytest.mark.parametrize("argv, rows", [
-    (["cleaning", "--seeds", "1", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-rank1,none"],
-     ["| nhgd-rank1 |", "| none |", "| val-only (reference) |"]),
+    (["cleaning", "--seeds", "1", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-mean,none"],
+     ["| nhgd-mean |", "| none |", "| val-only (reference) |"]),
     (["distillation", "--seeds", "1", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-sampled"],
      ["| nhgd-sampled |"]),
     (["heat", "--outer-steps", "1", "--inner-steps", "1", "--methods", "nhgd-sampled,broyden"],
@@ -47,3 +47,27 @@ def test_bench_curvature():
     """The microbenchmarks of DenseEFIM's cores, each run once untimed."""
     printed = _run("-m", "pytest", "bench/bench_curvature.py", "--benchmark-disable", "-q", "-p", "no:cacheprovider")
     assert "8 passed" in printed, printed
+
+
+def test_bench_nhgd_step():
+    printed = _run("bench/bench_nhgd_step.py", "--rounds", "1", "--steps", "2")
+    for variant in ("sgd", "kfac", "dense", "dense-mean"):
+        assert f"  {variant} " in printed and "x sgd" in printed, printed
+
+
+def test_bench_upkeep_pde():
+    printed = _run("bench/bench_upkeep_pde.py", "--outer-steps", "1", "--inner-steps", "2", "--pretrain-steps", "0")
+    assert "of none's loop (representation: compact" in printed, printed
+
+
+def test_hypergradient_accuracy():
+    printed = _run("bench/hypergradient_accuracy.py", "--problems", "logistic", "--steps", "3",
+                   "--methods", "nhgd-sampled-refine2,nhgd-kfac,cg10")
+    lines = [line for line in printed.splitlines() if "error" in line]
+    assert len(lines) == 3 and all("ms / call" in line for line in lines), printed
+    assert float(lines[-1].split("error")[1].split()[0]) < 0.1, printed  # CG10 on a 31-parameter problem
+
+
+def test_bench_mnist_cleaning():
+    printed = _run("bench/bench_mnist_cleaning.py", "--rounds", "1", "--outer-steps", "1", "--methods", "nhgd-mean,cg10")
+    assert "nhgd-mean" in printed and "x cg10" in printed, printed

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_estimators_implicit import Quadratic
 from torch import nn
 
 from nhgd_ext.curvature import KFAC
 from nhgd_ext.estimators import NHGD
 from nhgd_ext.estimators.base import grads_or_zeros
 from nhgd_testing import gen, misspecified_fisher_error
-from test_estimators_implicit import Quadratic
 
 
 def test_sampled_fisher_stays_close_where_the_empirical_one_drifts():

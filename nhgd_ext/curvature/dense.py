@@ -298,8 +298,9 @@ class DenseEFIM:
         it is stale or its damping has decayed past ``refresh_below``, and
         once more should PCG not converge (the float32 state drifted)."""
         core = self._core
+        went_to_fisher = core.last_rows >= core.gram_rows  # how the last step went in
         self._learn_steps_per_solve()
-        if core.mu < self.refresh_below * self.damping and core.last_rows >= core.gram_rows:
+        if core.mu < self.refresh_below * self.damping and went_to_fisher:
             # The steps are too large for the in-place updates: they only
             # reach F, and a Cholesky factor serves the solve (the update
             # may have made it already); an explicit inverse would be three
