@@ -263,6 +263,7 @@ def main() -> None:
         makers = estimators(p, lam_max)
         chosen = args.methods.split(",") if args.methods else list(makers)
         for method in chosen:
+            p.rng.manual_seed(0)  # every method is fed the same batches
             est = makers[method]()
             tick = time.perf_counter()
             feed(p, est, args.steps)

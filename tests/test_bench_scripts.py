@@ -56,7 +56,8 @@ def test_bench_nhgd_step():
 
 
 def test_bench_upkeep_pde():
-    printed = _run("bench/bench_upkeep_pde.py", "--outer-steps", "1", "--inner-steps", "2", "--pretrain-steps", "0")
+    printed = _run("bench/bench_upkeep_pde.py", "--outer-steps", "1", "--inner-steps", "2", "--pretrain-steps", "0",
+                   "--warmup-steps", "1")
     assert "of none's loop (representation: compact" in printed, printed
 
 
