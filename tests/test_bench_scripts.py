@@ -64,8 +64,8 @@ def test_bench_upkeep_pde():
 def test_hypergradient_accuracy():
     printed = _run("bench/hypergradient_accuracy.py", "--problems", "logistic", "--steps", "3",
                    "--methods", "nhgd-sampled-refine2,nhgd-kfac,cg10")
-    lines = [line for line in printed.splitlines() if "error" in line]
-    assert len(lines) == 3 and all("ms / call" in line for line in lines), printed
+    lines = [line for line in printed.splitlines() if "ms / call" in line]
+    assert len(lines) == 3, printed
     assert float(lines[-1].split("error")[1].split()[0]) < 0.1, printed  # CG10 on a 31-parameter problem
 
 

@@ -86,7 +86,9 @@ class NHGD(HypergradientEstimator):
         dtype: of the curvature state (default: the inner parameters').
 
     ``close()`` (or leaving a ``with`` block) removes what the estimator put
-    on the model: the hooks of a K-FAC curvature it built.
+    on the model: the hooks of a K-FAC curvature it built and those giving
+    the per-sample rows (a curvature or pipeline passed in is left to its
+    owner). The hooks also come off when the estimator is collected.
     """
 
     def __init__(self, inner_params, outer_params, *, curvature="dense", beta: float | None = None,
