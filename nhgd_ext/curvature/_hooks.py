@@ -9,6 +9,7 @@ owns it, so a KFAC nobody holds is collected, and its finalizer
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -87,6 +88,18 @@ class LinearRecorder:
             handle.remove()
         self._tensor_handles = []
         self.acts = self.grads = None
+
+
+@contextlib.contextmanager
+def paused(recorders: list[LinearRecorder]):
+    """Backward passes inside (extra derivatives of a step's graph) record nothing."""
+    for recorder in recorders:
+        recorder.recording = False
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.recording = True
 
 
 def release(recorders: list[LinearRecorder]) -> None:

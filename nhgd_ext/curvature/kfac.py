@@ -34,7 +34,6 @@ block, or when the KFAC is collected.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 from collections.abc import Iterable, Sequence
@@ -44,7 +43,7 @@ from torch import nn
 
 from .. import ops
 from ._finite import first_nonfinite
-from ._hooks import LinearRecorder, release
+from ._hooks import LinearRecorder, paused, release
 
 # Factor precision, measured: 10^4 updates of 32 rows into a 64 -> 32 layer,
 # float32 state, damping 1e-3 (damped factors conditioned ~2500), against the
@@ -192,17 +191,10 @@ class KFAC:
             raise RuntimeError(f"KFAC.{what}: this KFAC is closed (close() took its hooks off the model); "
                                "build a new one to go on recording")
 
-    @contextlib.contextmanager
     def paused(self):
         """Backward passes inside do not replace the recorded output gradients
         (for extra derivatives an estimator takes of the same graph)."""
-        for recorder in self._recorders:
-            recorder.recording = False
-        try:
-            yield
-        finally:
-            for recorder in self._recorders:
-                recorder.recording = True
+        return paused(self._recorders)
 
     def take_captures(self) -> list[torch.Tensor]:
         """What the hooks recorded of the last pass, [inputs, output gradients]

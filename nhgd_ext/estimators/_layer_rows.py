@@ -16,14 +16,13 @@ through terms that do not depend on the sample.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..curvature._hooks import LinearRecorder, release
+from ..curvature._hooks import LinearRecorder, paused, release
 
 
 class LayerRows:
@@ -52,16 +51,9 @@ class LayerRows:
         return cls([m for m in layers if id(m.weight) in wanted or (m.bias is not None and id(m.bias) in wanted)],
                    params)
 
-    @contextlib.contextmanager
     def paused(self):
         """Backward passes inside (extra derivatives of the step) are not recorded."""
-        for r in self._recorders:
-            r.recording = False
-        try:
-            yield
-        finally:
-            for r in self._recorders:
-                r.recording = True
+        return paused(self._recorders)
 
     def rows(self, mean_grad: torch.Tensor) -> torch.Tensor | None:
         """The n x d per-sample gradients of the last recorded backward pass
