@@ -14,6 +14,7 @@ from nhgd_ext.estimators import NHGD, ConjugateGradient
 from nhgd_ext.problems.pde_heat import HeatPDEControl, heat_residual, heat_target
 from nhgd_ext.problems.pde_poisson import PoissonControl1D, gauss_legendre
 from nhgd_ext.problems.pinn import CollocationSet, reduce_rows
+from nhgd_ext.runner import METHODS, run
 
 F64 = torch.float64
 
@@ -337,21 +338,9 @@ def test_bad_constructor_arguments_name_the_argument(make, kwargs, argument):
 
 # ------------------------------------------------------------------ the runner
 
-def _runner_methods():
-    from nhgd_ext.runner import METHODS
-
-    itd_keeps_a_stale_graph = pytest.mark.xfail(
-        raises=RuntimeError, strict=False,
-        reason="SingleLoopITD differentiates the last inner gradient after the optimizer changed theta in place; "
-               "a PINN's gradient graph holds the weights themselves")
-    return [pytest.param(m, marks=itd_keeps_a_stale_graph) if m == "itd" else m for m in METHODS]
-
-
-@pytest.mark.parametrize("method", _runner_methods())
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("make", PROBLEMS)
 def test_every_method_of_the_runner_runs_on_the_pinn_problems(make, method):
-    from nhgd_ext.runner import run
-
     history = run(make(batch_size=9), method, outer_steps=2, inner_steps=2)
     assert len(history.rows) == 3
     assert all(math.isfinite(value) for value in history.final.values())

@@ -61,3 +61,36 @@ def test_itd_needs_an_inner_step_first():
         assert "inner step" in str(err)
     else:
         raise AssertionError("expected a RuntimeError")
+
+
+def test_itd_equals_differentiating_through_the_step_on_a_model_nonlinear_in_theta():
+    """A tanh network whose L2 weight exp(v) multiplies the weights: the mixed
+    derivative needs theta0's values, which the optimizer's in-place step
+    overwrites. Reference: theta1(v) = theta0 - alpha grad l(v, theta0)
+    built out of place, and the gradient in v of f(v, theta1(v)), float64
+    (closure = the step's full-batch loss, so both see the same l)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
+    W1 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    W2 = torch.randn(5, generator=g, dtype=torch.float64)
+    v0, alpha = torch.tensor(-1.0, dtype=torch.float64), 0.05
+
+    def inner(v, w1, w2):
+        return ((torch.tanh(X @ w1) @ w2 - y) ** 2).mean() + 0.5 * v.exp() * w1.square().sum()
+
+    def outer(v, w1, w2):
+        return (torch.tanh(X[:5] @ w1) @ w2).square().sum() + 0.1 * v**2
+
+    v = v0.clone().requires_grad_()
+    w1, w2 = W1.clone().requires_grad_(), W2.clone().requires_grad_()
+    step = torch.autograd.grad(inner(v, w1, w2), (w1, w2), create_graph=True)
+    expected = torch.autograd.grad(outer(v, w1 - alpha * step[0], w2 - alpha * step[1]), v)[0]
+
+    v = v0.clone().requires_grad_()
+    p1, p2 = W1.clone().requires_grad_(), W2.clone().requires_grad_()
+    est = SingleLoopITD([p1, p2], [v])
+    est.inner_step(inner(v, p1, p2), torch.optim.SGD([p1, p2], lr=alpha))
+    theta1 = [p1.detach().clone(), p2.detach().clone()]
+    (h,) = est.hypergradient(outer(v, p1, p2), lambda: inner(v, p1, p2))
+    assert torch.allclose(h, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(p1, theta1[0]) and torch.equal(p2, theta1[1])  # theta put back after the call

@@ -81,13 +81,12 @@ class HypergradientEstimator:
         batch = loss.numel() if per_sample else batch_size
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"inner_step: argument 'batch_size' must be a positive integer, got {batch!r}")
-        again = self.keeps_inner_graph or self._differentiates_again(per_sample, outputs)
-        grads = grads_or_zeros(mean, self.inner_params, retain_graph=again, create_graph=self.keeps_inner_graph)
+        grads = grads_or_zeros(mean, self.inner_params, retain_graph=self._differentiates_again(per_sample, outputs))
         extras = self._observations(loss, mean, outputs, grads)
         for p, g in zip(self.inner_params, grads):
             p.grad = g.detach()
         self._step_size = optimizer.param_groups[0].get("lr", self.inner_lr) if optimizer is not None else self.inner_lr
-        self.observe(grads if self.keeps_inner_graph else [g.detach() for g in grads], batch_size=batch, **extras)
+        self.observe(grads, batch_size=batch, **extras)
         if optimizer is not None:
             optimizer.step()
         else:
@@ -98,8 +97,6 @@ class HypergradientEstimator:
 
     #: whether observe() uses per-sample gradient rows when inner_step gets a 1-D loss
     wants_per_sample_rows = False
-    #: whether observe() gets the inner gradients with their graph (for ITD)
-    keeps_inner_graph = False
 
     def _differentiates_again(self, per_sample: bool, outputs: torch.Tensor | None) -> bool:
         """Whether :meth:`_observations` takes more derivatives of the step's loss graph."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Closure, HypergradientEstimator, KeepsSolution, flat
+from .base import Closure, HypergradientEstimator, KeepsSolution
 
 
 class SingleLoopAID(KeepsSolution):
@@ -50,32 +50,39 @@ class SOBA(SingleLoopAID):
 class SingleLoopITD(HypergradientEstimator):
     """Algorithm 2: differentiate through the last inner step,
     grad Phi ~ grad_v f(v, theta) - alpha (d2_{v theta} l)(v, theta0) grad_theta f(v, theta),
-    with theta0 the point before that step and alpha its step size. The
-    inner gradient at theta0 is kept with its graph by inner_step (or
-    observe, for loops that pass gradients made with create_graph=True).
+    with theta0 the point before that step and alpha its step size.
 
-    Known limit: the inner step updates theta in place, so where the cross
-    derivative needs the value of theta0 itself (models nonlinear in theta),
-    autograd refuses the saved graph with its in-place-modification error."""
-
-    keeps_inner_graph = True
+    ``observe`` (which ``inner_step`` calls before the optimizer steps) keeps
+    the values of theta0; the hypergradient evaluates the inner closure there
+    for the mixed derivative, and puts theta back. The step's own graph is
+    not kept: the optimizer changes theta in place, which invalidates every
+    graph that saved theta itself (any model nonlinear in theta)."""
 
     def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
-        self._g0 = None
+        self._theta0: list[torch.Tensor] | None = None
 
     def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, **observations) -> None:
-        self._g0 = flat(grads)
-        if not self._g0.requires_grad:
-            raise ValueError("SingleLoopITD.observe: argument 'grads' must keep their graph (create_graph=True)")
+        """Call it before the step that ``grads`` make: it keeps theta0."""
+        self._theta0 = [p.detach().clone() for p in self.inner_params]
 
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
-        if self._g0 is None:
+        if self._theta0 is None:
             raise RuntimeError("SingleLoopITD.hypergradient: no inner step to differentiate through yet")
         f_v, f_theta = self.outer_gradients(outer_loss)
-        cross = self.cross(self._g0, getattr(self, "_step_size", self.inner_lr) * f_theta)
-        self._g0 = None  # the graph of one step is used once
+        theta = [p.detach().clone() for p in self.inner_params]
+        with torch.no_grad():
+            for p, p0 in zip(self.inner_params, self._theta0):
+                p.copy_(p0)
+        try:
+            g0 = self.inner_gradient(inner_closure())
+            cross = self.cross(g0, getattr(self, "_step_size", self.inner_lr) * f_theta)
+        finally:
+            with torch.no_grad():
+                for p, p1 in zip(self.inner_params, theta):
+                    p.copy_(p1)
+        self._theta0 = None  # one step is differentiated through once
         return self.combine(f_v, cross)
 
     def reset(self) -> None:
-        self._g0 = None
+        self._theta0 = None
