@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 
 namespace nhgd::curvature {
 namespace {
@@ -174,16 +175,7 @@ void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
   // Enough rows for a fold of their own: they reach F now, in one GEMM of
   // the state's dtype (no float64 copy to buffer), after the in-place update
   // if it runs at all.
-  bool stale = goes_stale(c.a, k);
-  if (!stale) {
-    try {
-      woodbury(scaled());
-    } catch (const c10::Error& e) {
-      if (is_argument_error(e)) throw;
-      stale = true;
-    }
-  }
-  if (stale) mu_ = 0.0;
+  update_in_place(c.a, k, [&] { woodbury(scaled()); });
   fold();
   if (c.a != 1.0) F_.mul_(c.a);
   add_rows(X, at::tensor(c.weights, at::kDouble).to(F_.device()));
@@ -191,14 +183,14 @@ void DenseEFIM::update_many(const at::Tensor& G, bool per_step) {
   if (k >= gram_rows_ && dim_ <= kFactorizeRowsFactor * k) factorize();
 }
 
-// Applies the in-place update of the inverse, then records the rows for F.
-// No factorization runs here, whatever happens: an update that would take
-// the inverse's damping below refresh_below * damping, that has too many
-// rows to pay in place, or that the kernel refuses (the float32 state lost
+// Applies the in-place update of the inverse for a step of k rows. No
+// factorization runs here, whatever happens: an update that would take the
+// inverse's damping below refresh_below * damping, that has too many rows to
+// pay in place, or that the kernel refuses (the float32 state lost
 // definiteness) leaves the inverse stale, and the next solve rebuilds it.
 template <typename Update>
-void DenseEFIM::fold_in(const at::Tensor& rows, double a, double weight, Update&& update) {
-  bool stale = goes_stale(a, rows.size(0));
+void DenseEFIM::update_in_place(double a, int64_t k, Update&& update) {
+  bool stale = goes_stale(a, k);
   if (!stale) {
     try {
       update();
@@ -208,6 +200,12 @@ void DenseEFIM::fold_in(const at::Tensor& rows, double a, double weight, Update&
     }
   }
   if (stale) mu_ = 0.0;
+}
+
+// The in-place update, then the rows recorded for F.
+template <typename Update>
+void DenseEFIM::fold_in(const at::Tensor& rows, double a, double weight, Update&& update) {
+  update_in_place(a, rows.size(0), std::forward<Update>(update));
   remember(rows, a, weight);
   advance(a, rows.size(0));
 }

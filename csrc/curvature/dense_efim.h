@@ -102,6 +102,8 @@ class DenseEFIM {
   Coefficients coefficients(int64_t k, bool per_step) const;
   at::Tensor rows(const char* name, const at::Tensor& x, int64_t ndim) const;
   template <typename Update>
+  void update_in_place(double a, int64_t k, Update&& update);
+  template <typename Update>
   void fold_in(const at::Tensor& rows, double a, double weight, Update&& update);
   void remember(const at::Tensor& rows, double a, double weight);
   void add_rows(const at::Tensor& X, const at::Tensor& w);

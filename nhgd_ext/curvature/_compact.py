@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ._dense_reference import checked_rows, step_coefficients
+from ._dense_reference import checked_rows, cholesky_solve, step_coefficients
 
 _FLOAT64 = torch.float64
 # Negligible rows are looked for every this many updates: a row kept a few
@@ -206,9 +206,7 @@ class CompactCore:
         s1 = s.unsqueeze(1)
 
         def woodbury(rhs):
-            # two triangular solves: LAPACK's potrs took five times as long here
-            t = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, s1 * (Y @ rhs), upper=False),
-                                              upper=True)
+            t = cholesky_solve(L, s1 * (Y @ rhs))
             return (rhs - Y.T @ (s1 * t)) / self.damping
 
         w = woodbury(b2)

@@ -62,7 +62,8 @@ import torch
 from .. import _build, ops
 from ._compact import CompactCore
 from ._dense_reference import DenseEFIMCore as _ReferenceCore
-from ._dense_reference import checked_rows
+from ._dense_reference import checked_rows, cholesky_solve
+from ._finite import first_nonfinite
 
 _DENSE_STATE_KEYS = ("inverse", "pending", "fisher")
 _DENSE_COUNTER_KEYS = ("num_updates", "num_samples", "num_refreshes", "mu")
@@ -274,7 +275,7 @@ class DenseEFIM:
         if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.shape[0] != self.dim:
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"DenseEFIM.solve: argument 'v' must have shape [{self.dim}] or [{self.dim}, m], got {got}")
-        if not bool(torch.isfinite(v).all()):
+        if first_nonfinite([v]) is not None:
             raise ValueError("DenseEFIM.solve: argument 'v' contains NaN or infinite values")
         if isinstance(self._core, CompactCore):
             return self._core.solve(v)
@@ -307,8 +308,7 @@ class DenseEFIM:
             # times the work, for this solve alone.
             if core.factor is None:
                 core.factorize()
-            L = core.factor
-            return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, b, upper=False), upper=True)
+            return cholesky_solve(core.factor, b)
         if core.mu < self.refresh_below * self.damping:
             core.refresh()
         core.fold()  # F exact, its lower triangle current
@@ -329,8 +329,6 @@ class DenseEFIM:
             raise RuntimeError("DenseEFIM.solve: conjugate gradients did not converge on the exactly rebuilt "
                                "inverse; F or the damping may be far outside the dtype's range")
         return w
-
-
 
 
 def _pcg(apply, precondition, b: torch.Tensor, tol: float) -> tuple[torch.Tensor, bool]:

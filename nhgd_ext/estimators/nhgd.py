@@ -158,23 +158,31 @@ class NHGD(HypergradientEstimator):
             with self._hooks_paused():
                 found["cross"] = self._mixed_derivative(mean)
         if self.fisher == "empirical":
-            rows = layer_rows.rows(flat(grads).detach()) if layer_rows is not None and loss.dim() == 1 else None
-            if rows is not None and not self._layer_rows_checked:
-                rows = self._check_layer_rows(rows, loss)
+            rows = None
+            if layer_rows is not None and loss.dim() == 1:
+                rows = self._rows_from_layers(loss, flat(grads).detach())
             found.update({"rows": rows} if rows is not None else super()._observations(loss, mean, outputs, grads))
             return found
         losses = self._sampled_losses(outputs)
         if self.wants_per_sample_rows:
             rows = None
             if layer_rows is not None:  # the hooks record this backward pass of the sampled losses
-                rows = layer_rows.rows(flat(grads_or_zeros(losses.mean(), self.inner_params, retain_graph=True)))
-                if rows is not None and not self._layer_rows_checked:
-                    rows = self._check_layer_rows(rows, losses)
+                rows = self._rows_from_layers(
+                    losses, flat(grads_or_zeros(losses.mean(), self.inner_params, retain_graph=True)))
             found["rows"] = rows if rows is not None else self._per_sample_rows(losses)
         else:  # the hooks of a K-FAC curvature see this backward pass's output gradients
             found["fisher_grad"] = flat(grads_or_zeros(losses.mean(), self.inner_params))
             found["fisher_batch"] = losses.numel()
         return found
+
+    def _rows_from_layers(self, losses: torch.Tensor, mean_grad: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample rows of ``losses`` (whose mean gradient is
+        ``mean_grad``) from the layer hooks, checked on the first step;
+        ``None`` where autograd must give them."""
+        rows = self._layer_rows.rows(mean_grad)
+        if rows is not None and not self._layer_rows_checked:
+            rows = self._check_layer_rows(rows, losses)
+        return rows
 
     def _check_layer_rows(self, rows: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
         """Once, on the first step: the layer rows of two samples against
