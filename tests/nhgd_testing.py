@@ -158,6 +158,20 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip() not in ("", "0", "false", "False")
 
 
+def minimize(loss, params, **options) -> None:
+    """Runs L-BFGS (strong Wolfe line search, step 1) on ``loss()`` in
+    ``params``; ``options`` go to torch.optim.LBFGS (max_iter, tolerances, ...)."""
+    optimizer = torch.optim.LBFGS(params, lr=1, line_search_fn="strong_wolfe", **options)
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+
+
 def misspecified_fisher_error(noise: float, fisher: str, *, seed: int = 0, steps: int = 400, batch: int = 64,
                               n: int = 4000, dim: int = 4, classes: int = 3) -> float:
     """Relative error of NHGD's hypergradient against the exact one on a
@@ -195,16 +209,7 @@ def misspecified_fisher_error(noise: float, fisher: str, *, seed: int = 0, steps
     def outer():
         return F.cross_entropy(Xv @ W.T + v, yv)
 
-    lbfgs = torch.optim.LBFGS([W], lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=0,
-                              line_search_fn="strong_wolfe")
-
-    def closure():
-        lbfgs.zero_grad()
-        loss = inner().mean()
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
+    minimize(lambda: inner().mean(), [W], max_iter=500, tolerance_grad=1e-13, tolerance_change=0)
     # exact: dense Hessian (d = classes * dim) and the mixed derivative by autograd
     H = torch.autograd.functional.hessian(lambda w: F.cross_entropy(X @ w.T + v.detach(), y), W.detach())
     H = H.reshape(W.numel(), W.numel())

@@ -61,6 +61,12 @@ def grads(n, d, seed, rank=None, dtype=torch.float64):
     return ((torch.randn(n, rank, generator=rng, dtype=torch.float64) / math.sqrt(rank)) @ basis.T).to(dtype)
 
 
+def one_step(c, ref, G):
+    """One optimizer step's per-sample rows, into the class and the reference."""
+    c.update_many(G, per_step=True)
+    ref.add(G, per_step=True)
+
+
 def feed(c, ref, G, device):
     """A mixed schedule: single gradients (some as batch means of 4), a rank-4
     step, a per-step rank-3 step, repeating."""
@@ -168,17 +174,13 @@ def test_a_step_with_many_rows_only_reaches_the_fisher():
     c = DenseEFIM(d, beta=0.8, damping=0.05, dtype=torch.float64, representation="dense")
     ref = Reference(d, 0.8)
     for step in range(4):
-        G = grads(k, d, seed=40 + step)
-        c.update_many(G, per_step=True)
-        ref.add(G, per_step=True)
+        one_step(c, ref, grads(k, d, seed=40 + step))
         assert c.mu == 0.0 and c.num_refreshes == 0
     v = grads(1, d, seed=50)[0]
     assert rel_err(c.solve(v), ref.solve(0.05, v)) < 1e-12
     assert rel_err(c.solve(2 * v), ref.solve(0.05, 2 * v)) < 1e-12
     assert c.num_refreshes == 1
-    G = grads(k, d, seed=60)
-    c.update_many(G, per_step=True)
-    ref.add(G, per_step=True)
+    one_step(c, ref, grads(k, d, seed=60))
     assert rel_err(c.solve(v), ref.solve(0.05, v)) < 1e-12
     assert c.num_refreshes == 2
 
@@ -191,9 +193,7 @@ def test_a_large_step_factorizes_at_once_where_that_costs_no_more_than_its_gram_
     c = DenseEFIM(d, beta=0.9, damping=0.01, dtype=torch.float64, representation="dense")
     ref = Reference(d, 0.9)
     for step in range(3):
-        G = grads(k, d, seed=70 + step)
-        c.update_many(G, per_step=True)
-        ref.add(G, per_step=True)
+        one_step(c, ref, grads(k, d, seed=70 + step))
         assert c.num_refreshes == step + 1
     v = grads(1, d, seed=80)[0]
     assert rel_err(c.solve(v), ref.solve(0.01, v)) < 1e-12
@@ -210,9 +210,7 @@ def test_the_form_of_a_rank_k_step_follows_how_often_it_is_solved(steps_per_solv
     ref = Reference(d, 0.99)
     v = grads(1, d, seed=90)[0]
     for step in range(3 * steps_per_solve):
-        G = grads(k, d, seed=91 + step)
-        c.update_many(G, per_step=True)
-        ref.add(G, per_step=True)
+        one_step(c, ref, grads(k, d, seed=91 + step))
         if step % steps_per_solve == steps_per_solve - 1:
             assert rel_err(c.solve(v), ref.solve(0.01, v)) < 1e-11
     assert (c.mu > 0) == (steps_per_solve == 1)

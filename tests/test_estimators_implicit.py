@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nhgd_ext.estimators import NHGD, Broyden, ConjugateGradient, Neumann
-from nhgd_testing import gen
+from nhgd_testing import gen, minimize
 
 
 def cosine(a, b):
@@ -62,15 +62,7 @@ def test_cg_equals_exact_on_softmax_regression():
     def inner():
         return torch.nn.functional.cross_entropy(X @ W, y) + 0.5 * log_lam.exp() * W.pow(2).sum()
 
-    opt = torch.optim.LBFGS([W], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=0, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = inner()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    minimize(inner, [W], max_iter=500, tolerance_grad=1e-14, tolerance_change=0)
     outer = torch.nn.functional.cross_entropy(Xv @ W, yv)
     # exact: dense Hessian of the inner problem in float64 (fine at this size)
     Hess = torch.autograd.functional.hessian(lambda w: torch.nn.functional.cross_entropy(X @ w, y)

@@ -13,7 +13,7 @@ from torch import nn
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.estimators import NHGD
 from nhgd_ext.pipeline import Pipeline
-from nhgd_testing import gen
+from nhgd_testing import gen, minimize
 
 
 class NoisyLogistic:
@@ -47,16 +47,7 @@ class NoisyLogistic:
         return F.cross_entropy(self.model(self.Xv), self.yv)
 
     def _solve_inner(self):
-        opt = torch.optim.LBFGS(self.params, lr=1, max_iter=40, tolerance_grad=1e-10,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = self.inner()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        minimize(self.inner, self.params, max_iter=40, tolerance_grad=1e-10)
 
     def exact(self):
         """-(d2_{v theta} l)^T H^-1 grad_theta f with the dense float64 Hessian

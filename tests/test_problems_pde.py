@@ -15,6 +15,7 @@ from nhgd_ext.problems.pde_heat import HeatPDEControl, heat_residual, heat_targe
 from nhgd_ext.problems.pde_poisson import PoissonControl1D, gauss_legendre
 from nhgd_ext.problems.pinn import CollocationSet, reduce_rows
 from nhgd_ext.runner import METHODS, run
+from nhgd_testing import minimize
 
 F64 = torch.float64
 
@@ -258,16 +259,8 @@ def test_poisson_implicit_hypergradient_of_a_trained_pinn_is_the_exact_one():
 
 def _trained_poisson(seed: int) -> PoissonControl1D:
     problem = tiny_poisson(tikhonov=0.0, n_collocation=16, seed=seed)
-    optimizer = torch.optim.LBFGS(problem.inner_params, lr=1, max_iter=400, tolerance_grad=1e-12, tolerance_change=0,
-                                  history_size=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = problem.inner_loss()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    minimize(problem.inner_loss, problem.inner_params, max_iter=400, tolerance_grad=1e-12, tolerance_change=0,
+             history_size=50)
     return problem
 
 
