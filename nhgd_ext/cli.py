@@ -1,9 +1,9 @@
 """``python -m nhgd_ext``: the main job (``demo``) and the paper's comparisons (``run``).
 
-    python -m nhgd_ext demo [--out DIR]
+    python -m nhgd_ext demo [--out DIR] [--data mnist|digits]
     python -m nhgd_ext run cleaning|distillation|heat-pde|poisson|quadratic \\
-        [--methods nhgd,cg10,neumann10,none,...] [--outer-steps K] [--inner-steps T] \\
-        [--device cpu|cuda] [--seed S] [--data-dir PATH] [--out DIR]
+        [--methods nhgd,cg10,neumann10,none,...] [--pipeline] [--outer-steps K] [--inner-steps T] \\
+        [--device cpu|cuda] [--seed S] [--data mnist|digits | --data-dir PATH] [--out DIR]
 
 Every method runs on its own fresh instance of the problem (same seed: same
 data, same starting point). Bad arguments end with one line on stderr and
@@ -22,9 +22,11 @@ from typing import Any
 import torch
 
 from . import problems, report
-from .runner import METHODS, method_spec, run
+from .estimators import NHGD
+from .problems.data import EMBEDDED
+from .runner import METHODS, PIPELINED, check_method, method_spec, run
 
-#: command-line name -> (class name in nhgd_ext.problems, accepts --data-dir)
+#: command-line name -> (class name in nhgd_ext.problems, takes --data / --data-dir)
 PROBLEMS = {
     "cleaning": ("HyperDataCleaning", True),
     "distillation": ("DataDistillation", True),
@@ -33,8 +35,18 @@ PROBLEMS = {
     "quadratic": ("SyntheticQuadratic", False),
 }
 
-DEMO_METHODS = ["nhgd", "cg10", "neumann10", "none"]
-DEMO_OUTER_STEPS = 100
+#: what a default run takes on two CPU cores (all four default methods, measured; see bench/RESULTS.md)
+DEFAULT_RUN_TIME = {
+    "cleaning": "about 1 min (embedded MNIST), 30 s (digits)",
+    "distillation": "about 1 min (embedded MNIST)",
+    "heat-pde": "about 25 min (the paper's size: 200 outer x 50 inner steps, 12,801 parameters, "
+                "90 s of pretraining); --outer-steps 20 takes about 3 min",
+    "poisson": "about 10 s",
+    "quadratic": "about 10 s",
+}
+
+#: the demo: NHGD synchronous and pipelined against CG10, Neumann10 and no reweighting
+DEMO_METHODS = ["nhgd", "nhgd" + PIPELINED, "cg10", "neumann10", "none"]
 
 
 class UsageError(Exception):
@@ -49,26 +61,37 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m nhgd_ext", description="Bilevel optimization by natural hypergradient descent.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser("demo", help="hyper-data cleaning on the embedded digits, 50%% label noise: "
-                                            "NHGD against CG10, Neumann10 and no reweighting")
+    demo = commands.add_parser("demo", help="hyper-data cleaning of 5,000 real MNIST digits at 50%% label noise: "
+                                            "NHGD (synchronous and pipelined) against CG10, Neumann10 and no "
+                                            "reweighting; about 1 min on two cores")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    demo.add_argument("--data", default="mnist", choices=list(EMBEDDED), help="embedded data set (default: mnist)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--outer-steps", type=int, default=DEMO_OUTER_STEPS)
+    demo.add_argument("--outer-steps", type=int, default=None)
     demo.add_argument("--inner-steps", type=int, default=None)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    runner = commands.add_parser("run", help="one problem, several methods, side by side")
+    times = "; ".join(f"{name}: {text}" for name, text in DEFAULT_RUN_TIME.items())
+    runner = commands.add_parser("run", help="one problem, several methods, side by side",
+                                 description=f"Time of a default run on two CPU cores: {times}.")
     runner.add_argument("problem", help=", ".join(PROBLEMS))
     runner.add_argument("--methods", default="nhgd,cg10,neumann10,none",
-                        help=f"comma-separated, from {', '.join(METHODS)} (also cgN, neumannN)")
+                        help=f"comma-separated, from {', '.join(METHODS)} "
+                             f"(also cgN, neumannN, <nhgd method>-refineK, <nhgd method>{PIPELINED})")
+    runner.add_argument("--pipeline", action="store_true",
+                        help="also run every NHGD method pipelined (paper Algorithm 2: the curvature updates on "
+                             "a consumer thread with its own share of the CPU threads, a second CUDA stream, "
+                             "or a second GPU), beside its synchronous run")
     runner.add_argument("--outer-steps", type=int, default=None)
     runner.add_argument("--inner-steps", type=int, default=None)
     runner.add_argument("--inner-lr", type=float, default=None)
     runner.add_argument("--outer-lr", type=float, default=None)
     runner.add_argument("--device", default="cpu")
     runner.add_argument("--seed", type=int, default=0)
+    runner.add_argument("--data", default=None, choices=list(EMBEDDED),
+                        help="embedded data set of cleaning and distillation (default: digits)")
     runner.add_argument("--data-dir", type=Path, default=None,
-                        help="folder with MNIST / Fashion-MNIST IDX files (default: the embedded digits)")
+                        help="folder with MNIST / Fashion-MNIST IDX files, instead of an embedded set")
     runner.add_argument("--out", type=Path, default=None, help="output folder (default: out/<problem>)")
     runner.add_argument("--last", type=int, default=None, help="average the table's figures over the last N steps")
     runner.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "demo":
-            return _compare("cleaning", DEMO_METHODS, args, out=args.out, data_dir=None,
+            return _compare("cleaning", DEMO_METHODS, args, out=args.out, data=args.data, data_dir=None,
                             outer_steps=args.outer_steps, last=10)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if args.pipeline:
+            methods = _with_pipelined_twins(methods)
+        if args.data is not None and args.data_dir is not None:
+            raise UsageError("arguments --data and --data-dir: give one of them")
         return _compare(args.problem, methods, args, out=args.out or Path("out") / args.problem,
-                        data_dir=args.data_dir, outer_steps=args.outer_steps, last=args.last)
+                        data=args.data, data_dir=args.data_dir, outer_steps=args.outer_steps, last=args.last)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"nhgd_ext: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -92,28 +119,52 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _compare(problem_name: str, methods: list[str], args, *, out: Path, data_dir, outer_steps, last) -> int:
+def _with_pipelined_twins(methods: list[str]) -> list[str]:
+    """Every NHGD method followed by its pipelined twin (unless listed already)."""
+    out = []
+    for method in methods:
+        out.append(method)
+        twin = method + PIPELINED
+        if not method.endswith(PIPELINED) and twin not in methods and _is_nhgd(method):
+            out.append(twin)
+    return out
+
+
+def _is_nhgd(method: str) -> bool:
+    try:
+        return method_spec(method)[0] is NHGD
+    except ValueError:
+        return False  # reported with the other unknown names
+
+
+def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, data_dir, outer_steps, last) -> int:
     if problem_name not in PROBLEMS:
         raise UsageError(f"unknown problem {problem_name!r}; choose from {', '.join(PROBLEMS)}")
     if not methods:
         raise UsageError("argument --methods: no method given")
+    class_name, takes_data = PROBLEMS[problem_name]
+    cls = getattr(problems, class_name)
     for method in methods:
-        method_spec(method)  # unknown names fail before any work
+        check_method(cls, method)  # unknown names, and what the problem refuses, fail before any work
     for name in ("outer_steps", "inner_steps", "inner_lr", "outer_lr"):
         value = outer_steps if name == "outer_steps" else getattr(args, name, None)
         if value is not None and value <= 0:
             raise UsageError(f"argument --{name.replace('_', '-')}: must be positive, got {value}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"argument --device: {args.device!r} requested but no CUDA device is visible")
-    class_name, takes_data = PROBLEMS[problem_name]
     if data_dir is not None and not takes_data:
         raise UsageError(f"argument --data-dir: problem {problem_name!r} uses no data set")
-    cls = getattr(problems, class_name)
+    if data is not None and not takes_data:
+        raise UsageError(f"argument --data: problem {problem_name!r} uses no data set")
     kwargs: dict[str, Any] = {"seed": args.seed, "device": args.device}
     if takes_data:
         kwargs["data_dir"] = data_dir
+        if data is not None:
+            kwargs["data"] = data
 
     pristine = cls(**kwargs)  # built once (data loading, pretraining), copied per run
+    for method in methods:
+        check_method(pristine, method)
 
     def fresh():
         return copy.deepcopy(pristine)
@@ -135,12 +186,13 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data_dir
         histories.append(history)
     references = pristine.references(loop["inner_steps"] * loop["outer_steps"])
     metric = report.headline_metric(histories)
-    print(f"\n{problem_name} (seed {args.seed}, {loop['outer_steps']} outer x {loop['inner_steps']} inner steps, "
-          f"device {args.device})")
+    source = getattr(pristine, "source", None)
+    print(f"\n{problem_name}{f' on {source}' if source else ''} (seed {args.seed}, {loop['outer_steps']} outer x "
+          f"{loop['inner_steps']} inner steps, device {args.device}, {torch.get_num_threads()} threads)")
     print(report.table(histories, references, metric, last))
     config = {"problem": problem_name, "methods": methods, "seed": args.seed, "device": args.device,
-              "data_dir": None if data_dir is None else str(data_dir), **loop,
-              "torch": torch.__version__, "backend": _backend(args.device)}
+              "data": source, "data_dir": None if data_dir is None else str(data_dir), **loop,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": _backend(args.device)}
     written = report.write_all(out, histories, references, config, last)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0

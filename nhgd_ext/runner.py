@@ -10,6 +10,7 @@ training on the data as given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -43,11 +44,18 @@ METHODS: dict[str, tuple[type | None, dict[str, Any]]] = {
 }
 _COUNTED = re.compile(r"^(cg|neumann)(\d+)$")  # cg25, neumann5, ...: any number of iterations
 _REFINED = re.compile(r"^(nhgd(?:-[a-z]+)?)-refine(\d+)$")  # nhgd-refine3, nhgd-kfac-refine2, ...
+PIPELINED = "-pipelined"  # <nhgd method>-pipelined: its curvature updates beside the inner loop
 
 
 def method_spec(method: str) -> tuple[type | None, dict[str, Any]]:
     """(estimator class, options) of a method name; for ``<nhgd method>-refineK``
-    those of the NHGD method with ``refine=K``."""
+    those of the NHGD method with ``refine=K``; for ``<nhgd method>-pipelined``
+    those of the NHGD method with ``pipeline=True``."""
+    if method.endswith(PIPELINED):
+        cls, fixed = method_spec(method[: -len(PIPELINED)])
+        if cls is not E.NHGD:
+            raise ValueError(f"unknown method {method!r}: only the NHGD methods run pipelined")
+        return cls, {**fixed, "pipeline": True}
     if method in METHODS:
         cls, fixed = METHODS[method]
         return cls, dict(fixed)
@@ -60,34 +68,61 @@ def method_spec(method: str) -> tuple[type | None, dict[str, Any]]:
         cls, fixed = METHODS[refined.group(1)]
         return cls, {**fixed, "refine": int(refined.group(2))}
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} "
-                     f"(or cgN, neumannN, <nhgd method>-refineK)")
+                     f"(or cgN, neumannN, <nhgd method>-refineK, <nhgd method>-pipelined)")
+
+
+def base_method(method: str) -> str:
+    """The method whose problem options a name starts from: ``nhgd-kfac`` for
+    ``nhgd-kfac-refine3-pipelined``, the name itself otherwise."""
+    method = method.removesuffix(PIPELINED)
+    refined = _REFINED.match(method)
+    return refined.group(1) if refined else method
+
+
+def check_method(problem: BilevelProblem | type[BilevelProblem], method: str,
+                 options: dict[str, Any] | None = None) -> None:
+    """Raises ValueError with a one-line reason where ``method`` is unknown
+    or cannot run on ``problem`` (an instance, or a class: then only what the
+    class itself declares is checked, before building it)."""
+    cls, _ = method_spec(method)
+    refusal = problem.unsupported_methods.get(base_method(method))
+    if refusal:
+        raise ValueError(f"method {method!r} does not fit problem {problem.name!r}: {refusal}")
+    if isinstance(problem, type) or cls is None:
+        return
+    merged = _merged_options(problem, method, options)
+    if merged.get("curvature") == "kfac" and problem.model is None:
+        raise ValueError(f"method {method!r} needs a problem whose inner parameters belong to a model "
+                         f"with nn.Linear layers; {problem.name!r} has none")
+    if merged.get("fisher") == "sampled" and _has_no_outputs(problem):
+        raise ValueError(f"method {method!r} draws targets from the model's outputs, and problem "
+                         f"{problem.name!r} does not give them (BilevelProblem.inner_loss_and_outputs)")
+
+
+def _merged_options(problem: BilevelProblem, method: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The NHGD variants (``nhgd-mean``, ``nhgd-kfac-refine3``, ...) start
+    from the problem's ``nhgd`` options, then their base method's; every
+    method then takes the options its name fixes, the problem's for the full
+    name, and ``options``."""
+    cls, fixed = method_spec(method)
+    by_name = problem.settings.method_options
+    merged = {}
+    for name in dict.fromkeys(("nhgd", base_method(method)) if cls is E.NHGD else (method,)):
+        merged |= by_name.get(name, {})
+    return merged | fixed | by_name.get(method, {}) | (options or {})
 
 
 def make_estimator(problem: BilevelProblem, method: str, options: dict[str, Any] | None = None,
                    inner_lr: float | None = None):
     """The estimator ``method`` names, with the problem's options for it,
-    then ``options`` on top. ``None`` for ``none``. The NHGD variants
-    (``nhgd-mean``, ``nhgd-kfac-refine3``, ...) start from the problem's
-    ``nhgd`` options, then their base method's, then their own."""
-    cls, fixed = method_spec(method)
+    then ``options`` on top (see :func:`_merged_options`). ``None`` for ``none``."""
+    check_method(problem, method, options)
+    cls, _ = method_spec(method)
     if cls is None:
         return None
-    by_name = problem.settings.method_options
-    refined = _REFINED.match(method)
-    base = refined.group(1) if refined else method
-    merged = {}
-    if cls is E.NHGD:
-        for name in dict.fromkeys(("nhgd", base)):
-            merged |= by_name.get(name, {})
-    merged |= fixed
-    merged |= by_name.get(method, {})
-    merged |= options or {}
-    model = getattr(problem, "model", None)
-    if merged.get("curvature") == "kfac" and model is None:
-        raise ValueError(f"method {method!r} needs a problem whose inner parameters belong to a model "
-                         f"with nn.Linear layers; {problem.name!r} has none")
-    if cls is E.NHGD and model is not None:  # K-FAC's layers, or the dense form's per-sample rows
-        merged.setdefault("modules", model)
+    merged = _merged_options(problem, method, options)
+    if cls is E.NHGD and problem.model is not None:  # K-FAC's layers, or the dense form's per-sample rows
+        merged.setdefault("modules", problem.model)
     merged.setdefault("inner_lr", problem.settings.inner_lr if inner_lr is None else inner_lr)
     return cls(problem.inner_params, problem.outer_params, **merged)
 
@@ -116,10 +151,22 @@ class History:
 
 def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None, inner_steps: int | None = None,
         inner_lr: float | None = None, outer_lr: float | None = None, options: dict[str, Any] | None = None,
-        seed: int = 0, progress=None) -> History:
+        seed: int = 0, progress=None, pipeline: bool = False) -> History:
     """Runs ``method`` on ``problem`` (from its current v; theta re-initialized)
     and returns its :class:`History`. Settings left ``None`` come from
-    ``problem.settings``; ``progress`` is an optional callable(step, row)."""
+    ``problem.settings``; ``progress`` is an optional callable(step, row).
+
+    ``pipeline=True`` (an NHGD method only; the same as the name
+    ``<method>-pipelined``) runs the curvature updates beside the inner loop
+    (paper Algorithm 2, see :func:`pipeline_options`); the history is then
+    that method's ``-pipelined`` twin."""
+    if pipeline is not False:
+        if pipeline is not True:
+            raise ValueError(f"run: argument 'pipeline' must be True or False, got {pipeline!r}")
+        if method_spec(method)[0] is not E.NHGD:
+            raise ValueError(f"run: argument 'pipeline' is for the NHGD methods, not {method!r}")
+        if not method.endswith(PIPELINED):
+            method += PIPELINED
     settings = problem.settings
     outer_steps = settings.outer_steps if outer_steps is None else outer_steps
     inner_steps = settings.inner_steps if inner_steps is None else inner_steps
@@ -134,6 +181,45 @@ def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None,
 
     torch.manual_seed(seed)
     device = problem.device
+    options = dict(options or {})
+    threads = torch.get_num_threads()
+    if method.endswith(PIPELINED):
+        threads, options["pipeline"] = pipeline_options(device, options.get("pipeline", True))
+    with _intra_op_threads(threads):
+        return _run(problem, method, device, outer_steps, inner_steps, inner_lr, outer_lr, options, progress)
+
+
+def pipeline_options(device: torch.device, given=True) -> tuple[int, dict[str, Any]]:
+    """(producer's intra-op threads, Pipeline options) for NHGD pipelined on
+    ``device``. On the CPU the consumer thread gets its own share of the
+    threads torch uses now and the producer the rest, so that the two do not
+    oversubscribe the cores between them; on a GPU the consumer is a second
+    stream on the same GPU, or the next GPU where there are several."""
+    threads = torch.get_num_threads()
+    options = {} if given is True else dict(given)
+    if device.type == "cpu":
+        consumer_threads = max(1, threads // 2)
+        options.setdefault("consumer_threads", consumer_threads)
+        threads = max(1, threads - options["consumer_threads"])
+    elif device.type == "cuda" and torch.cuda.device_count() > 1:
+        index = torch.cuda.current_device() if device.index is None else device.index
+        options.setdefault("consumer", torch.device("cuda", (index + 1) % torch.cuda.device_count()))
+    return threads, options
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int):
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != before:
+            torch.set_num_threads(before)
+
+
+def _run(problem, method, device, outer_steps, inner_steps, inner_lr, outer_lr, options, progress) -> History:
     memory = _PeakMemory(device)
     start = time.perf_counter()
     problem.reset_inner()
@@ -142,9 +228,6 @@ def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None,
     inner_opt = torch.optim.SGD(problem.inner_params, lr=inner_lr)
     outer_opt = torch.optim.SGD(problem.outer_params, lr=outer_lr)
     per_sample = est is not None and est.wants_per_sample_rows
-    if getattr(est, "fisher", None) == "sampled" and _has_no_outputs(problem):
-        raise ValueError(f"method {method!r} draws targets from the model's outputs, and problem "
-                         f"{problem.name!r} does not give them (BilevelProblem.inner_loss_and_outputs)")
 
     def inner_loss():
         return problem.inner_loss_and_outputs(problem.sample_batch(), reduction="none" if per_sample else "mean")
@@ -152,30 +235,33 @@ def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None,
     def closure():
         return problem.inner_loss(problem.sample_batch())
 
-    elapsed = 0.0
-    history.rows.append(_evaluate(problem, 0, elapsed))
-    for step in range(1, outer_steps + 1):
-        _sync(device)
-        tick = time.perf_counter()
-        for _ in range(inner_steps):
-            if est is None:
-                inner_opt.zero_grad(set_to_none=True)
-                problem.inner_loss(problem.sample_batch()).backward(inputs=problem.inner_params)
-                inner_opt.step()
-            else:
-                loss, outputs = inner_loss()
-                est.inner_step(loss, inner_opt, batch_size=_batch_size(problem), outputs=outputs)
-        if est is not None:
-            outer_opt.zero_grad(set_to_none=True)
-            est.backward(problem.outer_loss(), closure)
-            outer_opt.step()
-            problem.project_outer()
-        _sync(device)
-        elapsed += time.perf_counter() - tick
-        memory.sample()
-        history.rows.append(_evaluate(problem, step, elapsed))
-        if progress is not None:
-            progress(step, history.rows[-1])
+    with contextlib.ExitStack() as cleanup:
+        if hasattr(est, "close"):  # hooks off the model, a pipeline's consumer stopped
+            cleanup.callback(est.close)
+        elapsed = 0.0
+        history.rows.append(_evaluate(problem, 0, elapsed))
+        for step in range(1, outer_steps + 1):
+            _sync(device)
+            tick = time.perf_counter()
+            for _ in range(inner_steps):
+                if est is None:
+                    inner_opt.zero_grad(set_to_none=True)
+                    problem.inner_loss(problem.sample_batch()).backward(inputs=problem.inner_params)
+                    inner_opt.step()
+                else:
+                    loss, outputs = inner_loss()
+                    est.inner_step(loss, inner_opt, batch_size=_batch_size(problem), outputs=outputs)
+            if est is not None:
+                outer_opt.zero_grad(set_to_none=True)
+                est.backward(problem.outer_loss(), closure)
+                outer_opt.step()
+                problem.project_outer()
+            _sync(device)
+            elapsed += time.perf_counter() - tick
+            memory.sample()
+            history.rows.append(_evaluate(problem, step, elapsed))
+            if progress is not None:
+                progress(step, history.rows[-1])
     history.peak_memory_bytes, history.memory_kind = memory.peak(), memory.kind
     return history
 

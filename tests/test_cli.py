@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -102,6 +103,83 @@ def test_cli_cleaning_shows_the_val_only_reference(tmp_path, capsys):
     assert "val-only" in results["references"]
 
 
+def test_pipelined_runs_give_the_synchronous_numbers_and_leave_the_threads_as_they_were():
+    """Algorithm 2 in the runner: the same outer losses and metrics step for
+    step (float64, so a thread split cannot move a rounding), the consumer's
+    thread share taken from the producer's for the run only."""
+    problem = HyperDataCleaning(seed=0, n_train=120, n_val=30, batch_size=16, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    sync = run(copy.deepcopy(problem), "nhgd", outer_steps=3, inner_steps=4)
+    piped = run(copy.deepcopy(problem), "nhgd", outer_steps=3, inner_steps=4, pipeline=True)
+    named = run(copy.deepcopy(problem), "nhgd-pipelined", outer_steps=3, inner_steps=4)
+    assert torch.get_num_threads() == threads
+    assert piped.method == named.method == "nhgd-pipelined"
+    for a, b, c in zip(sync.rows, piped.rows, named.rows):
+        for key in ("outer_loss", "test_accuracy", "weight_auc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12) and b[key] == pytest.approx(c[key], rel=1e-12)
+    assert method_spec("nhgd-kfac-refine2-pipelined")[1] == {"curvature": "kfac", "refine": 2, "pipeline": True}
+    with pytest.raises(ValueError, match="only the NHGD methods run pipelined"):
+        method_spec("cg10-pipelined")
+    with pytest.raises(ValueError, match="argument 'pipeline' is for the NHGD methods"):
+        run(problem, "cg10", outer_steps=1, inner_steps=1, pipeline=True)
+
+
+def test_pipeline_options_split_the_cpu_threads():
+    from nhgd_ext.runner import pipeline_options
+
+    old = torch.get_num_threads()
+    try:
+        for total, producer, consumer in ((1, 1, 1), (2, 1, 1), (4, 2, 2), (5, 3, 2)):
+            torch.set_num_threads(total)
+            assert pipeline_options(torch.device("cpu")) == (producer, {"consumer_threads": consumer})
+        assert pipeline_options(torch.device("cpu"), {"consumer_threads": 3}) == (2, {"consumer_threads": 3})
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cli_pipeline_flag_adds_the_pipelined_twin_of_every_nhgd_method(tmp_path, capsys):
+    code = main(["run", "cleaning", "--data", "mnist", "--methods", "nhgd,cg10", "--pipeline", "--outer-steps", "2",
+                 "--inner-steps", "2", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "cleaning on mnist" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["methods"]) == ["nhgd", "nhgd-pipelined", "cg10"]
+    assert results["config"]["data"] == "mnist"
+    assert results["methods"]["nhgd"]["final_outer_loss"] == pytest.approx(
+        results["methods"]["nhgd-pipelined"]["final_outer_loss"], rel=1e-6)
+
+
+def test_demo_runs_cleaning_on_the_embedded_mnist_with_nhgd_pipelined(tmp_path, capsys):
+    from nhgd_ext.cli import DEMO_METHODS
+
+    assert main(["demo", "--outer-steps", "2", "--inner-steps", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "cleaning on mnist" in printed and "val-only" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["methods"]) == DEMO_METHODS and "nhgd-pipelined" in DEMO_METHODS
+    assert results["config"]["data"] == "mnist"
+
+
+def test_nhgd_kfac_on_a_pinn_is_refused_before_the_problem_is_built(monkeypatch, capsys):
+    """K-FAC's factors cannot see a residual's input derivatives: refused by
+    name (and its variants), before the heat problem's pretraining."""
+    from nhgd_ext import problems
+
+    def never(*args, **kwargs):
+        raise AssertionError("the problem was built")
+
+    monkeypatch.setattr(problems, "HeatPDEControl", type("Stub", (problems.HeatPDEControl,), {"__init__": never}))
+    for method in ("nhgd-kfac", "nhgd-kfac-refine2", "nhgd-kfac-pipelined"):
+        assert main(["run", "heat-pde", "--methods", f"cg10,{method}", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"method '{method}' does not fit problem 'heat-pde': K-FAC's Kronecker factors" in err
+    from nhgd_ext.problems import PoissonControl1D
+
+    with pytest.raises(ValueError, match="does not fit problem 'poisson'"):
+        run(PoissonControl1D(seed=0), "nhgd-kfac", outer_steps=1, inner_steps=1)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["run", "sudoku"], "unknown problem"),
     (["run", "quadratic", "--methods", "cg10,newton"], "unknown method"),
@@ -111,6 +189,10 @@ def test_cli_cleaning_shows_the_val_only_reference(tmp_path, capsys):
     (["run", "quadratic", "--data-dir", "/tmp"], "--data-dir"),
     (["run", "quadratic", "--outer-steps", "many"], "--outer-steps"),
     (["run", "quadratic", "--methods", "nhgd-sampled"], "does not give them"),
+    (["run", "quadratic", "--data", "mnist"], "argument --data: problem 'quadratic' uses no data set"),
+    (["run", "cleaning", "--data", "mnist", "--data-dir", "/tmp"], "give one of them"),
+    (["run", "cleaning", "--data", "cifar"], "invalid choice"),
+    (["run", "cleaning", "--methods", "cg10-pipelined"], "only the NHGD methods run pipelined"),
     (["fly"], "invalid choice"),
     ([], "required"),
 ])

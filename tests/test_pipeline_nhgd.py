@@ -137,3 +137,39 @@ def test_a_separate_recorder_feeds_a_kfac_built_on_a_replica(engine):
     pipes[0].close()
     for a, b in zip(got, sync):
         assert torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("curvature", ["dense", "kfac"])
+@pytest.mark.parametrize("pipeline", [True, {"consumer_threads": 1, "slots": 2}], ids=["true", "options"])
+def test_nhgd_builds_and_owns_its_pipeline(curvature, pipeline):
+    """pipeline=True (or Pipeline options): NHGD builds the curvature it would
+    build anyway, runs it behind a Pipeline of its own, and stops that
+    pipeline at close(); the hypergradients are the synchronous ones."""
+    def make(m, i, o, **kw):
+        modules = m if curvature == "kfac" else None  # run_mlp's loss has shape [1]: no per-sample rows
+        return NHGD(i, o, curvature=curvature, modules=modules, beta=0.9, damping=1e-2, **kw)
+
+    sync = run_mlp(make)
+    built = []
+
+    def piped(m, i, o):
+        built.append(make(m, i, o, pipeline=pipeline))
+        return built[-1]
+
+    got = run_mlp(piped)
+    est = built[0]
+    assert isinstance(est.curvature, Pipeline) and est.curvature.num_updates == 120
+    for a, b in zip(got, sync):
+        assert torch.equal(a, b), (a, b)
+    est.close()
+    with pytest.raises(Exception, match="closed"):
+        est.curvature.push(torch.zeros(est.curvature.dim or 0))
+    est.close()  # idempotent
+
+
+def test_nhgd_refuses_unknown_pipeline_options_before_building_anything():
+    theta = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="argument 'pipeline' takes the options consumer, consumer_threads, slots, "
+                                         "engine; got 'threads'"):
+        NHGD([theta], [torch.zeros(1, requires_grad=True)], pipeline={"threads": 2})
+    assert NHGD([theta], [torch.zeros(1, requires_grad=True)], pipeline=False).curvature.__class__ is DenseEFIM

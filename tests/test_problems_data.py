@@ -202,3 +202,23 @@ def test_splits_reject_sizes_beyond_the_data():
         data.split_indices(100, {"n_train": 90, "n_val": 20}, data.seeded_rng(0, 0))
     with pytest.raises(ValueError, match="non-empty rest"):
         data.split_indices(100, {"n_train": 60, "n_val": 40, "test": None}, data.seeded_rng(0, 0))
+
+
+# ------------------------------------------------------------ embedded MNIST
+
+
+def test_embedded_mnist_is_mlxtends_real_digits_scaled_to_unit_interval():
+    mnist = data.load_images(None, "mnist")
+    assert mnist.x.shape == (5000, 784) and mnist.image_shape == (28, 28) and mnist.test_x is None
+    assert np.bincount(mnist.y).tolist() == [500] * 10
+    assert mnist.x.min() == 0.0 and mnist.x.max() == 1.0
+    # real handwriting: about a fifth of the pixels are ink, none of the images is blank
+    assert 0.1 < float((mnist.x > 0).mean()) < 0.3 and bool((mnist.x.sum(1) > 10).all())
+    with pytest.raises(ValueError):
+        mnist.x[0, 0] = 0.5
+
+
+def test_data_source_names_the_argument():
+    assert data.data_source("mnist", None) == "mnist" and data.data_source("digits", "/x") == "idx"
+    with pytest.raises(ValueError, match="argument 'data' must be one of digits, mnist"):
+        data.data_source("cifar", None)

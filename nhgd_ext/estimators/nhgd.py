@@ -66,9 +66,15 @@ class NHGD(HypergradientEstimator):
             of its ``nn.Linear`` layers, the per-sample rows are assembled
             from those layers' inputs and output gradients in the step's own
             backward pass (no batched backward; see _layer_rows.py).
-        pipeline: a :class:`nhgd_ext.pipeline.Pipeline` holding the curvature:
-            the inner steps push their gradients to it and return at once,
-            the consumer applies them beside the training (paper Algorithm 2).
+        pipeline: the curvature updates run beside the training (paper
+            Algorithm 2): the inner steps push their gradients and return at
+            once, a consumer applies them. ``None``/``False``: no pipeline. Either a
+            :class:`nhgd_ext.pipeline.Pipeline` holding the curvature (yours
+            to close), or ``True`` / a dict of Pipeline options (``consumer``,
+            ``consumer_threads``, ``slots``, ``engine``): then the curvature
+            chosen by ``curvature`` is built on the consumer device and runs in
+            a Pipeline this estimator owns. The hypergradients are those of
+            the synchronous estimator.
         seed: of the target sampling (``None``: torch's global generator).
         per_sample: feed per-sample gradient rows when ``inner_step`` gets a
             1-D loss (rank D per step); ``False`` feeds the batch mean, scaled
@@ -106,8 +112,14 @@ class NHGD(HypergradientEstimator):
             raise ValueError(f"NHGD: argument 'refine' must be a non-negative integer, got {refine!r}")
         first = self.inner_params[0]
         dtype = first.dtype if dtype is None else dtype
-        self._owned = []  # what close() releases: a K-FAC built here, layer hooks
-        if pipeline is not None:
+        self._owned = []  # what close() releases, in order: a Pipeline and a K-FAC built here, layer hooks
+        pipeline_options = _pipeline_options(pipeline)
+        pipeline = None if pipeline is False else pipeline
+        where = first.device
+        if pipeline_options is not None:
+            pipeline = None
+            where = torch.device(pipeline_options.setdefault("consumer", first.device))
+        elif pipeline is not None:
             if not (isinstance(curvature, str) and curvature == "dense"):
                 raise ValueError("NHGD: argument 'pipeline' carries its own curvature (Pipeline(curvature, ...)); "
                                  "do not give NHGD a 'curvature' as well")
@@ -117,17 +129,22 @@ class NHGD(HypergradientEstimator):
         if isinstance(curvature, str) and curvature == "dense":
             dim = sum(p.numel() for p in self.inner_params)
             curvature = DenseEFIM(dim, beta=beta, damping=damping, representation=representation, dtype=dtype,
-                                  device=first.device)
+                                  device=where)
         elif isinstance(curvature, str) and curvature == "kfac":
             if modules is None:
                 raise ValueError("NHGD: curvature='kfac' needs argument 'modules' (the model whose "
                                  "nn.Linear layers it tracks)")
             curvature = KFAC(modules, params=self.inner_params, beta=0.95 if beta is None else beta,
-                             damping=damping, dtype=dtype, device=first.device)
+                             damping=damping, dtype=dtype, device=where)
             self._owned.append(curvature)
         elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
             raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "
                              f"{', '.join(_CURVATURE_METHODS)}; got {curvature!r}")
+        if pipeline_options is not None:
+            from ..pipeline import Pipeline
+
+            curvature = Pipeline(curvature, producer=first.device, **pipeline_options)
+            self._owned.insert(0, curvature)  # drained before the K-FAC hooks it reads come off
         self.curvature = curvature
         self.fisher, self.likelihood, self.cross_form = fisher, likelihood, cross
         self.cross_batches, self.warm_start = cross_batches, warm_start
@@ -361,6 +378,23 @@ class NHGD(HypergradientEstimator):
     def reset(self) -> None:
         self.curvature.reset()
         self._L, self._cross_steps = None, 0
+
+
+_PIPELINE_OPTIONS = ("consumer", "consumer_threads", "slots", "engine")
+
+
+def _pipeline_options(pipeline) -> dict | None:
+    """The options of a Pipeline NHGD is to build (``pipeline=True`` or a
+    dict), ``None`` where it is given one or none."""
+    if pipeline is True:
+        return {}
+    if isinstance(pipeline, dict):
+        unknown = sorted(set(pipeline) - set(_PIPELINE_OPTIONS))
+        if unknown:
+            raise ValueError(f"NHGD: argument 'pipeline' takes the options {', '.join(_PIPELINE_OPTIONS)}; "
+                             f"got {', '.join(map(repr, unknown))}")
+        return dict(pipeline)
+    return None
 
 
 def _one_of(name: str, value, allowed: tuple[str, ...]) -> None:

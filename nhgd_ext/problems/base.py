@@ -53,6 +53,9 @@ class BilevelProblem:
     inner_params: list[torch.Tensor]
     outer_params: list[torch.Tensor]
     settings: Settings
+    #: method name -> why it cannot work on this problem (the runner refuses
+    #: the method, and its refineK / pipelined variants, before any step)
+    unsupported_methods: dict[str, str] = {}
 
     def __init__(self, *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device, self.dtype = torch.device(device), dtype

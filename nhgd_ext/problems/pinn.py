@@ -131,6 +131,17 @@ class ResidualProblem(BilevelProblem):
     """A PINN problem: subclasses give ``inner_residuals(batch)``, the rows rho;
     the inner loss is the mean of rho^2 / 2 and its outputs are the rows."""
 
+    # K-FAC's factors are the layers' inputs and output gradients in one
+    # forward pass; a PDE residual also reaches the weights through the
+    # network's input derivatives (the forward pass's Taylor terms), which
+    # those factors do not see: the Kronecker product is not this loss's
+    # curvature, and the solve blew up on both PINNs (objective 2e8, or a
+    # non-positive-definite factor).
+    unsupported_methods = {
+        "nhgd-kfac": "K-FAC's Kronecker factors see a layer's forward inputs only, and a PDE residual reaches "
+                     "the weights through the network's input derivatives too; use nhgd-sampled "
+                     "(Gauss-Newton rows) or nhgd"}
+
     def inner_residuals(self, batch: CollocationBatch | None = None) -> torch.Tensor:
         raise NotImplementedError
 
