@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -101,17 +102,18 @@ def plot(histories: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
     for i, (method, runs) in enumerate(histories.items()):
-        color = f"C{i % 10}"
+        style = {"color": colors[i % len(colors)], "linestyle": "--" if method.endswith("-pipelined") else "-"}
         for k, h in enumerate(runs):
-            ax.plot([r["wall_time"] for r in h.rows], [r["outer_loss"] for r in h.rows], color=color,
+            ax.plot([r["wall_time"] for r in h.rows], [r["outer_loss"] for r in h.rows], **style,
                     linewidth=1.6 if k == 0 else 0.5, alpha=1.0 if k == 0 else 0.5,
                     label=method if k == 0 else None)
     ax.set_xlabel("wall time of the loop [s]")
     ax.set_ylabel("outer loss")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

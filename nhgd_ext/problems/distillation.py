@@ -71,7 +71,8 @@ def _settings(source: str) -> Settings:
         "cg10": {"iters": 10}, "cg40": {"iters": 40},
         "neumann10": {"iters": 10, "scale": scale}, "neumann40": {"iters": 40, "scale": scale},
         "stocbio": {"iters": 10, "scale": scale},
-        "amigo": {"lr": min(1.0, 1.0 / inner_lr)},
+        # the paper's 1.0, capped at the inner step: its linear-system step must stay below 2 / L too
+        "amigo": {"lr": min(1.0, inner_lr)},
         "ttsa": {"iters": 10, "scale": scale},
         "soba": {"lr": inner_lr}, "aid": {"eta": inner_lr},
     }
