@@ -26,6 +26,7 @@ import json
 import statistics
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,26 +72,41 @@ def compare(make, methods: list[str], seeds: list[int], steps: dict, metric: str
         for name, values in pristine.references(loop["inner_steps"] * loop["outer_steps"]).items():
             references.setdefault(name, []).append(values[metric])
         for method in methods:
-            nhgd_ext.run(copy.deepcopy(pristine), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
-            h = nhgd_ext.run(copy.deepcopy(pristine), method, **loop, seed=seed)
+            try:
+                nhgd_ext.run(copy.deepcopy(pristine), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
+                h = nhgd_ext.run(copy.deepcopy(pristine), method, **loop, seed=seed)
+            except (ValueError, RuntimeError) as err:  # a method that breaks down is a row, not the end of the table
+                histories[method].append(Failed(seed, " ".join(str(err).split())))
+                print(f"  {method}: FAILED: {histories[method][-1].reason}", flush=True)
+                continue
             histories[method].append(h)
             print(f"  {method}: outer loss {h.final['outer_loss']:.4g}, {metric} {h.final.get(metric, float('nan')):.4g}, "
                   f"{h.final['wall_time']:.1f} s", flush=True)
     return histories, references, loop
 
 
+@dataclass
+class Failed:
+    """A run that raised (seed, first line of the error) instead of a History."""
+
+    seed: int
+    reason: str
+
+
 def markdown(histories: dict, references: dict, last: int, metric: str, target_method: str) -> str:
-    targets = [h.final["outer_loss"] for h in histories.get(target_method, [])]
+    targets = [None if isinstance(h, Failed) else h.final["outer_loss"] for h in histories.get(target_method, [])]
     lines = [f"| method | outer loss (mean of last {last}) | {metric} (mean of last {last}) | loop time [s] | "
              f"time to {target_method}'s final outer loss [s] |", "|---|---|---|---|---|"]
     for method, runs in histories.items():
-        reached = [time_to(h, t) for h, t in zip(runs, targets)]
+        done = [h for h in runs if not isinstance(h, Failed)]
+        reached = [time_to(h, t) for h, t in zip(runs, targets) if t is not None and not isinstance(h, Failed)]
         hits = [r for r in reached if r is not None]
-        when = (f"{statistics.fmean(hits):.2f} ({len(hits)}/{len(runs)} seeds)" if hits
-                else f"not reached (0/{len(runs)})") if targets else "-"
-        lines.append(f"| {method} | {_spread([h.mean_over_last('outer_loss', last) for h in runs])} | "
-                     f"{_spread([h.mean_over_last(metric, last) for h in runs])} | "
-                     f"{_spread([h.final['wall_time'] for h in runs], 2)} | {when} |")
+        when = (f"{statistics.fmean(hits):.2f} ({len(hits)}/{len(reached)} seeds)" if hits
+                else f"not reached (0/{len(reached)})") if reached else "-"
+        failed = "".join(f"; seed {h.seed} failed: {h.reason}" for h in runs if isinstance(h, Failed))
+        lines.append(f"| {method} | {_spread([h.mean_over_last('outer_loss', last) for h in done])} | "
+                     f"{_spread([h.mean_over_last(metric, last) for h in done])} | "
+                     f"{_spread([h.final['wall_time'] for h in done], 2)} | {when}{failed} |")
     for name, values in references.items():
         lines.append(f"| {name} (reference) | - | {_spread(values)} | - | - |")
     return "\n".join(lines)
@@ -106,7 +122,7 @@ def plot(histories: dict, path: Path, title: str) -> None:
     colors = plt.get_cmap("tab20").colors
     for i, (method, runs) in enumerate(histories.items()):
         style = {"color": colors[i % len(colors)], "linestyle": "--" if method.endswith("-pipelined") else "-"}
-        for k, h in enumerate(runs):
+        for k, h in enumerate(h for h in runs if not isinstance(h, Failed)):
             ax.plot([r["wall_time"] for r in h.rows], [r["outer_loss"] for r in h.rows], **style,
                     linewidth=1.6 if k == 0 else 0.5, alpha=1.0 if k == 0 else 0.5,
                     label=method if k == 0 else None)
@@ -165,7 +181,8 @@ def main() -> None:
     plot(histories, out / "outer_loss_vs_time.png", header)
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     (out / "histories.json").write_text(json.dumps(
-        {m: [h.rows for h in runs] for m, runs in histories.items()}, default=float))
+        {m: [h.reason if isinstance(h, Failed) else h.rows for h in runs] for m, runs in histories.items()},
+        default=float))
     print(f"\nwrote {out / 'outer_loss_vs_time.png'}, {out / 'table.md'}, {out / 'histories.json'}")
 
 
