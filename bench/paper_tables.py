@@ -76,7 +76,8 @@ def compare(make, methods: list[str], seeds: list[int], steps: dict, metric: str
                 nhgd_ext.run(copy.deepcopy(pristine), method, outer_steps=1, inner_steps=1, seed=seed)  # warm-up
                 h = nhgd_ext.run(copy.deepcopy(pristine), method, **loop, seed=seed)
             except (ValueError, RuntimeError) as err:  # a method that breaks down is a row, not the end of the table
-                histories[method].append(Failed(seed, " ".join(str(err).split())))
+                first_line = " ".join(str(err).split(" At: ")[0].split())  # without the consumer's Python stack
+                histories[method].append(Failed(seed, first_line))
                 print(f"  {method}: FAILED: {histories[method][-1].reason}", flush=True)
                 continue
             histories[method].append(h)

@@ -35,14 +35,14 @@ PROBLEMS = {
     "quadratic": ("SyntheticQuadratic", False),
 }
 
-#: what a default run takes on two CPU cores (all four default methods, measured; see bench/RESULTS.md)
+#: what a default run (the four default methods) took on two CPU cores, start-up included (bench/RESULTS.md)
 DEFAULT_RUN_TIME = {
-    "cleaning": "about 1 min (embedded MNIST), 30 s (digits)",
-    "distillation": "about 1 min (embedded MNIST)",
-    "heat-pde": "about 25 min (the paper's size: 200 outer x 50 inner steps, 12,801 parameters, "
-                "90 s of pretraining); --outer-steps 20 takes about 3 min",
-    "poisson": "about 10 s",
-    "quadratic": "about 10 s",
+    "cleaning": "10 s (digits), 20 s (--data mnist)",
+    "distillation": "10 s (digits or --data mnist)",
+    "heat-pde": "3.5 min (the paper's size: 200 outer x 50 inner steps, 12,801 parameters; "
+                "--outer-steps 20 takes about 30 s)",
+    "poisson": "10 s",
+    "quadratic": "12 s",
 }
 
 #: the demo: NHGD synchronous and pipelined against CG10, Neumann10 and no reweighting
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser("demo", help="hyper-data cleaning of 5,000 real MNIST digits at 50%% label noise: "
                                             "NHGD (synchronous and pipelined) against CG10, Neumann10 and no "
-                                            "reweighting; about 1 min on two cores")
+                                            "reweighting; about 20 s on two cores")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     demo.add_argument("--data", default="mnist", choices=list(EMBEDDED), help="embedded data set (default: mnist)")
     demo.add_argument("--seed", type=int, default=0)

