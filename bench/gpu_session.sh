@@ -2,7 +2,7 @@
 # One GPU session in one command (the device machine runs commands <= 10 min):
 # compile the extension with the CUDA kernels for the local GPU, run the whole
 # test suite on the CUDA backend (GPU tests included), then the op benchmarks
-# and the pipeline benchmark on the GPU.
+# the pipeline benchmark and the paper's cleaning and heat tables on the GPU.
 # Logs go to $OUT (default /tmp/nhgd_gpu). Usage: bash bench/gpu_session.sh [pytest args]
 set -uo pipefail
 OUT="${OUT:-/tmp/nhgd_gpu}"
@@ -32,5 +32,10 @@ if [ -z "${NHGD_SKIP_BENCH:-}" ]; then
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
   # The pipeline on one GPU (the consumer on its own stream), issue 6's GPU figure.
   "$PY" bench/bench_pipeline.py --device cuda --repeats 5 2>&1 | tee "$OUT/bench_pipeline.log"
+  # The paper's cleaning and heat tables on the GPU, NHGD synchronous and pipelined (second stream).
+  "$PY" bench/paper_tables.py cleaning --device cuda --seeds "${NHGD_TABLE_SEEDS:-1}" --out "$OUT/table_cleaning" \
+    --methods nhgd,nhgd-pipelined,cg10,neumann10,none 2>&1 | tee "$OUT/table_cleaning.log"
+  "$PY" bench/paper_tables.py heat --device cuda --seeds "${NHGD_TABLE_SEEDS:-1}" --out "$OUT/table_heat" \
+    2>&1 | tee "$OUT/table_heat.log"
 fi
 exit "$test_rc"

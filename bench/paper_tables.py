@@ -4,6 +4,7 @@ every method side by side, seed after seed, through ``nhgd_ext.run``:
     .venv/bin/python bench/paper_tables.py cleaning     [--seeds 3] [--data mnist] [--out DIR]
     .venv/bin/python bench/paper_tables.py distillation [--seeds 3] [--data mnist] [--out DIR]
     .venv/bin/python bench/paper_tables.py heat         [--seeds 3] [--outer-steps 200] [--scale paper|small]
+    (any of them with --device cuda)
 
 Prints a markdown table per run: outer loss and test metric averaged over
 the last steps (the paper averages its last epochs) with their spread over
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--data", default="mnist", choices=["mnist", "digits"], help="cleaning and distillation")
     parser.add_argument("--scale", default="paper", choices=["paper", "small"], help="of the heat problem")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: as torch has)")
+    parser.add_argument("--device", default="cpu", help="of every problem (cuda: pipelined runs use a second stream)")
     parser.add_argument("--out", type=Path, default=None, help="default: out/tables/<table>")
     args = parser.parse_args()
     if args.threads:
@@ -157,14 +159,14 @@ def main() -> None:
         sizes = SMALL_HEAT if args.scale == "small" else {}
 
         def make(seed):
-            return problems.HeatPDEControl(seed=seed, **sizes)
+            return problems.HeatPDEControl(seed=seed, device=args.device, **sizes)
 
         default_methods, metric = HEAT_METHODS, "test_error"
     else:
         cls = problems.HyperDataCleaning if args.table == "cleaning" else problems.DataDistillation
 
         def make(seed):
-            return cls(seed=seed, data=args.data)
+            return cls(seed=seed, data=args.data, device=args.device)
 
         default_methods = CLEANING_METHODS if args.table == "cleaning" else DISTILLATION_METHODS
         metric = "test_accuracy"
@@ -172,7 +174,7 @@ def main() -> None:
     target = TARGET[args.table]
     histories, references, loop = compare(make, methods, seeds, {"outer_steps": args.outer_steps,
                                                                   "inner_steps": args.inner_steps}, metric)
-    header = (f"{args.table} ({args.data if args.table != 'heat' else args.scale + ' size'}), seeds {seeds}, "
+    header = (f"{args.table} ({args.data if args.table != 'heat' else args.scale + ' size'}), {args.device}, seeds {seeds}, "
               f"{loop['outer_steps']} outer x {loop['inner_steps']} inner steps, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}, backend {nhgd_ext.backend()}")
     table = markdown(histories, references, args.last, metric, target)
