@@ -37,11 +37,11 @@ PROBLEMS = {
 
 #: what a default run (the four default methods) took on two CPU cores, start-up included (bench/RESULTS.md)
 DEFAULT_RUN_TIME = {
-    "cleaning": "10 s (digits), 20 s (--data mnist)",
+    "cleaning": "9 s (digits), 17 s (--data mnist)",
     "distillation": "10 s (digits or --data mnist)",
-    "heat-pde": "3.5 min (the paper's size: 200 outer x 50 inner steps, 12,801 parameters; "
-                "--outer-steps 20 takes about 30 s)",
-    "poisson": "10 s",
+    "heat-pde": "3.3 min (the paper's size: 200 outer x 50 inner steps, 12,801 parameters; "
+                "--outer-steps 20 takes 27 s)",
+    "poisson": "9 s",
     "quadratic": "12 s",
 }
 

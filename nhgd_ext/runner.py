@@ -107,7 +107,7 @@ def _merged_options(problem: BilevelProblem, method: str, options: dict[str, Any
     cls, fixed = method_spec(method)
     by_name = problem.settings.method_options
     merged = {}
-    for name in dict.fromkeys(("nhgd", base_method(method)) if cls is E.NHGD else (method,)):
+    for name in dict.fromkeys(("nhgd", base_method(method)) if cls is E.NHGD else ()):
         merged |= by_name.get(name, {})
     return merged | fixed | by_name.get(method, {}) | (options or {})
 
