@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,8 +151,10 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, da
         value = outer_steps if name == "outer_steps" else getattr(args, name, None)
         if value is not None and value <= 0:
             raise UsageError(f"argument --{name.replace('_', '-')}: must be positive, got {value}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"argument --device: {args.device!r} requested but no CUDA device is visible")
+    _check_device(args.device)
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"argument --seed: must lie in [0, 2**63), got {args.seed}")
+    _check_out(out)
     if data_dir is not None and not takes_data:
         raise UsageError(f"argument --data-dir: problem {problem_name!r} uses no data set")
     if data is not None and not takes_data:
@@ -196,6 +199,31 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, da
     written = report.write_all(out, histories, references, config, last)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"argument --device: must be cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"argument --device: must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"argument --device: {name!r} requested but no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"argument --device: {name!r}, but only {torch.cuda.device_count()} GPUs are visible")
+
+
+def _check_out(out: Path) -> None:
+    """The output folder, made now (before any method runs) and checked writable."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"argument --out: cannot create {str(out)!r} ({err.strerror or err})") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"argument --out: {str(out)!r} is not writable")
 
 
 class _Bar:

@@ -193,6 +193,10 @@ def test_nhgd_kfac_on_a_pinn_is_refused_before_the_problem_is_built(monkeypatch,
     (["run", "cleaning", "--data", "mnist", "--data-dir", "/tmp"], "give one of them"),
     (["run", "cleaning", "--data", "cifar"], "invalid choice"),
     (["run", "cleaning", "--methods", "cg10-pipelined"], "only the NHGD methods run pipelined"),
+    (["run", "quadratic", "--device", "foo"], "argument --device: must be cpu, cuda or cuda:N, got 'foo'"),
+    (["run", "quadratic", "--device", "mps"], "argument --device: must be cpu, cuda or cuda:N, got 'mps'"),
+    (["run", "quadratic", "--seed", "99999999999999999999999"], "argument --seed: must lie in [0, 2**63)"),
+    (["run", "quadratic", "--seed", "-1"], "argument --seed: must lie in [0, 2**63)"),
     (["fly"], "invalid choice"),
     ([], "required"),
 ])
@@ -201,6 +205,19 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, says, capsys, tmp_path):
     err = capsys.readouterr().err
     assert says in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_unusable_out_folder_is_refused_before_any_method_runs(tmp_path, capsys, monkeypatch):
+    import nhgd_ext.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("a method ran"))
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    for out, says in ((a_file, "is a file, not a folder"), (a_file / "below", "cannot create")):
+        assert main(["run", "quadratic", "--methods", "cg10", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+    assert a_file.read_text() == "keep me"
 
 
 def test_python_dash_m_exits_2_without_a_traceback():
