@@ -79,7 +79,8 @@ def write_all(out: Path, histories: list[History], references: dict[str, dict[st
         "references": references,
     }
     written = [out / "results.json", out / "history.csv"]
-    written[0].write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    # strict JSON: a NaN or infinite figure (a diverged method) is null, not a bare NaN
+    written[0].write_text(json.dumps(_finite_or_null(results), indent=2, default=_json_default, allow_nan=False) + "\n")
     keys = ["method", "step", "wall_time", "outer_loss"]
     for h in histories:
         for row in h.rows:
@@ -127,6 +128,16 @@ def _num(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.4g}"
+
+
+def _finite_or_null(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
 
 
 def _json_default(x):

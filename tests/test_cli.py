@@ -207,6 +207,17 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, says, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_results_json_is_strict_json_with_null_for_a_non_finite_figure(tmp_path):
+    from nhgd_ext import report
+
+    history = History(problem="p", method="m", rows=[{"step": 0, "wall_time": 0.0, "outer_loss": 1.0},
+                                                     {"step": 1, "wall_time": 0.1, "outer_loss": float("nan")}])
+    report.write_all(tmp_path, [history], {"ref": {"outer_loss": float("inf")}}, {"seed": 0}, 1)
+    text = (tmp_path / "results.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in results.json"))
+    assert strict["methods"]["m"]["final_outer_loss"] is None and strict["references"]["ref"]["outer_loss"] is None
+
+
 def test_an_unusable_out_folder_is_refused_before_any_method_runs(tmp_path, capsys, monkeypatch):
     import nhgd_ext.cli as cli
 
