@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import problems, report
+from ._devices import checked_device
 from .estimators import NHGD
 from .problems.data import EMBEDDED
 from .runner import METHODS, PIPELINED, check_method, method_spec, run
@@ -151,7 +152,7 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, da
         value = outer_steps if name == "outer_steps" else getattr(args, name, None)
         if value is not None and value <= 0:
             raise UsageError(f"argument --{name.replace('_', '-')}: must be positive, got {value}")
-    _check_device(args.device)
+    checked_device(args.device, "argument --device:")
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"argument --seed: must lie in [0, 2**63), got {args.seed}")
     _check_out(out)
@@ -199,19 +200,6 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, da
     written = report.write_all(out, histories, references, config, last)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
-
-
-def _check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"argument --device: must be cpu, cuda or cuda:N, got {name!r}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"argument --device: must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"argument --device: {name!r} requested but no CUDA device is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"argument --device: {name!r}, but only {torch.cuda.device_count()} GPUs are visible")
 
 
 def _check_out(out: Path) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _build
+from .._devices import checked_device
 from . import _python_engine
 from ._messages import CALL, PipelineClosed, PipelineError, apply_update, check_gradient, check_solve_argument
 
@@ -38,23 +39,6 @@ def _close_all() -> None:
     # left waiting for it while the interpreter shuts down.
     for pipeline in list(_open_pipelines):
         pipeline._shutdown(drain=False)
-
-
-def _device(name: str, value) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"Pipeline: argument '{name}' must be a device such as 'cpu' or 'cuda:0', got {value!r}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"Pipeline: argument '{name}' must be a CPU or CUDA device, got {device}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"Pipeline: argument '{name}' is {device}, but no CUDA device is visible")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"Pipeline: argument '{name}' is {device}, but only {torch.cuda.device_count()} GPUs are visible")
-    return device
 
 
 def engine_kind() -> str:
@@ -187,7 +171,7 @@ class Pipeline:
         if recorder is not None and not callable(getattr(recorder, "take_captures", None)):
             raise ValueError(f"Pipeline: argument 'recorder' must have take_captures(); "
                              f"{type(recorder).__name__} has not")
-        self.producer = _device("producer", producer)
+        self.producer = checked_device(producer, "Pipeline: argument 'producer'")
         self.transport = transport
         self._lock = threading.RLock()  # one request (flush + solve, ...) at a time
         self._ids = itertools.count()
@@ -201,7 +185,7 @@ class Pipeline:
             if curvature is None:
                 raise ValueError("Pipeline: argument 'curvature' is required with transport='local'")
             self._check_curvature(curvature)
-            self.consumer = _device("consumer", consumer)
+            self.consumer = checked_device(consumer, "Pipeline: argument 'consumer'")
             self.curvature, self.on_cross = curvature, on_cross
             self.dim = dim if dim is not None else getattr(curvature, "dim", None)
             self._has_cross_handler = on_cross is not None
