@@ -1,10 +1,11 @@
 """nhgd_ext: bilevel optimization by Natural Hypergradient Descent, as a PyTorch extension."""
 
 from ._build import backend, compiled_with_cuda
+from ._finite import NonFiniteError
 from . import ops
 
 __version__ = "0.1.0"
-__all__ = ["backend", "compiled_with_cuda", "ops", "run", "__version__"]
+__all__ = ["NonFiniteError", "backend", "compiled_with_cuda", "ops", "run", "__version__"]
 
 
 def __getattr__(name: str):

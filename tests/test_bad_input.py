@@ -442,6 +442,7 @@ def test_random_bad_arguments(device, data):
 def test_random_valid_updates_match_direct_inverse(device, op, d, batch, k, a, b, scale, dtype, tensor_coeffs, seed):
     A = _spd(d, seed, dtype, device, batch)
     M = inv64(A)
+    scaled_before = float(A.double().norm()) / a
     lead = (batch,) if batch else ()
     if op == "sherman_morrison_":
         g = _rows(lead + (d,), seed + 1, dtype, device, scale=scale / math.sqrt(d))
@@ -458,7 +459,13 @@ def test_random_valid_updates_match_direct_inverse(device, op, d, batch, k, a, b
     ev = torch.linalg.eigvalsh(M_new)
     cond = float((ev[..., -1] / ev[..., 0]).max())
     assert_exactly_symmetric(A)
-    err = rel_err(A, direct_inverse(M_new))
+    expected = direct_inverse(M_new)
+    err = rel_err(A, expected)
+    # Both updates subtract a correction from A / a: where the new inverse is
+    # much smaller than A / a (a large update against a small a), rounding
+    # errors of A / a's size are left on a small result. That cancellation
+    # factor joins the condition number in the bound.
+    cancellation = scaled_before / float(expected.norm())
     # woodbury_ solves a k x k system on top: its error grows like sqrt(k)
-    bound = tol(dtype, d, steps=k if op == "woodbury_" else 1, cond=max(cond, 4.0))
+    bound = tol(dtype, d, steps=k if op == "woodbury_" else 1, cond=max(cond, cancellation, 4.0))
     assert err <= bound, f"relative error {err:.3e} (cond {cond:.1f})"

@@ -51,7 +51,7 @@ def test_sampled_fisher_needs_the_outputs_and_leaves_theta_unchanged():
     est = NHGD([prob.theta], [prob.v], fisher="sampled")
     before = prob.theta.detach().clone()
     with pytest.raises(ValueError, match="'outputs'"):
-        est.inner_step(prob.inner())
+        est.inner_step(prob.inner(), batch_size=1)
     assert torch.equal(prob.theta.detach(), before)
     assert est.curvature.num_updates == 0
 
@@ -118,7 +118,7 @@ def test_trajectory_cross_is_the_average_of_the_steps_mixed_derivatives(beta):
             expected = (t * expected + B) / (t + 1)
         else:
             expected = beta * expected + (1 - beta) * B
-        est.inner_step(prob.loss(idx=idx))
+        est.inner_step(prob.loss(idx=idx), batch_size=1)
     assert torch.allclose(est._L, expected, rtol=1e-12, atol=1e-14)
     f_theta = (prob.theta - prob.t).detach()
     w = est.curvature.solve(f_theta)
@@ -214,7 +214,7 @@ def test_bad_options_are_named(option, value):
 def test_state_dict_carries_the_trajectory_average():
     prob = Curved()
     est = NHGD([prob.theta], [prob.v], cross="trajectory")
-    est.inner_step(prob.loss(idx=slice(0, 8)))
+    est.inner_step(prob.loss(idx=slice(0, 8)), batch_size=8)
     state = est.state_dict()
     other = NHGD([prob.theta], [prob.v], cross="trajectory")
     other.load_state_dict(state)

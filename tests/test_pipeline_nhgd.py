@@ -73,7 +73,7 @@ def run_mlp(make_estimator, device: str = "cpu"):
 
     def inner_loss(idx):
         fit = 0.5 * (model(X[idx]) - Y[idx]).pow(2).sum(1).mean()
-        return fit + 0.5 * log_wd.exp() * sum(p.pow(2).sum() for p in params)
+        return fit + 0.5 * log_wd.exp().sum() * sum(p.pow(2).sum() for p in params)
 
     found = []
     for _ in range(3):

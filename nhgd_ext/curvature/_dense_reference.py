@@ -10,7 +10,7 @@ import math
 import torch
 
 from .. import ops
-from ._finite import first_nonfinite
+from .._finite import NonFiniteError, first_nonfinite
 
 # Rows reach the float64 Fisher per FOLD_ROWS (a step of that many at once, its
 # products in the state's dtype), in FOLD_STRIPS GEMMs over its lower
@@ -53,7 +53,8 @@ def checked_rows(name: str, x, ndim: int, dim: int, dtype: torch.dtype, device: 
         raise ValueError(f"DenseEFIM: argument '{name}' must be a floating-point tensor, got {x.dtype}")
     x = x.detach().to(device=device, dtype=dtype)
     if first_nonfinite([x]) is not None:
-        raise ValueError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged")
+        raise NonFiniteError(f"DenseEFIM: argument '{name}' contains NaN or infinite values; the state is unchanged",
+                             name)
     return x
 
 

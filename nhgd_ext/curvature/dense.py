@@ -63,7 +63,7 @@ from .. import _build, ops
 from ._compact import CompactCore
 from ._dense_reference import DenseEFIMCore as _ReferenceCore
 from ._dense_reference import checked_rows, cholesky_solve
-from ._finite import first_nonfinite
+from .._finite import NonFiniteError, first_nonfinite
 
 _DENSE_STATE_KEYS = ("inverse", "pending", "fisher")
 _DENSE_COUNTER_KEYS = ("num_updates", "num_samples", "num_refreshes", "mu")
@@ -276,7 +276,7 @@ class DenseEFIM:
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"DenseEFIM.solve: argument 'v' must have shape [{self.dim}] or [{self.dim}, m], got {got}")
         if first_nonfinite([v]) is not None:
-            raise ValueError("DenseEFIM.solve: argument 'v' contains NaN or infinite values")
+            raise NonFiniteError("DenseEFIM.solve: argument 'v' contains NaN or infinite values", "v")
         if isinstance(self._core, CompactCore):
             return self._core.solve(v)
         b = v.to(device=self.device, dtype=torch.float64)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._finite import first_nonfinite
+from .._finite import NonFiniteError, first_nonfinite
 from ._hooks import LinearRecorder, paused, release
 
 # Factor precision, measured: 10^4 updates of 32 rows into a 64 -> 32 layer,
@@ -267,7 +267,8 @@ class KFAC:
         if bad is not None:
             name = rows_name if bad == 0 else ("captures (layer inputs)" if bad <= len(acts)
                                                else "captures (output gradients)")
-            raise ValueError(f"KFAC.{what}: argument '{name}' contains NaN or infinite values; nothing was updated")
+            raise NonFiniteError(f"KFAC.{what}: argument '{name}' contains NaN or infinite values; nothing was "
+                                 "updated", name)
         if given is None:
             self._clear_captures()
 

@@ -13,9 +13,12 @@ what they keep between outer steps).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .._finite import NonFiniteError, first_nonfinite
 
 Closure = Callable[[], torch.Tensor]
 
@@ -29,6 +32,15 @@ def _param_list(name: str, params) -> list[torch.Tensor]:
     if not all(p.requires_grad for p in params):
         raise ValueError(f"argument '{name}' must hold tensors with requires_grad=True")
     return params
+
+
+_UNCHANGED = "the outer parameters' .grad and the estimator's state are unchanged"
+
+
+def _refuse_nonfinite(where: str, tensors: Sequence[torch.Tensor], names: Sequence[str], unchanged: str) -> None:
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise NonFiniteError(f"{where}: {names[bad]} is NaN or infinite (diverged?); {unchanged}", names[bad])
 
 
 def grads_or_zeros(output: torch.Tensor, params: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:
@@ -52,8 +64,10 @@ def unflat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
 class HypergradientEstimator:
     """Base class: the inner step, the feeding and the accumulation into .grad.
 
-    Subclasses implement :meth:`hypergradient`, and :meth:`observe` when they
-    learn from the inner gradients."""
+    Subclasses implement :meth:`_hypergradient` (and name in
+    ``_outer_step_attributes`` what it rebinds), and :meth:`observe` when
+    they learn from the inner gradients. A NaN or infinity anywhere raises
+    :class:`NonFiniteError` before any state changes, for every estimator."""
 
     def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1):
         self.inner_params = _param_list("inner_params", inner_params)
@@ -65,28 +79,41 @@ class HypergradientEstimator:
     # -------------------------------------------------------------- inner loop
 
     def inner_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None, *,
-                   batch_size: int = 1, outputs: torch.Tensor | None = None) -> torch.Tensor:
-        """One inner step on ``loss`` (a scalar mean over ``batch_size`` samples,
-        or a 1-D tensor of per-sample losses): writes theta.grad, feeds the
-        estimator, steps theta. ``outputs`` are the model's outputs (logits or
-        means, one row per sample) with their graph, for estimators that sample
-        targets from the model (``NHGD(fisher="sampled")``); the others ignore
-        them. Returns the detached mean loss."""
-        if not isinstance(loss, torch.Tensor) or loss.dim() > 1:
-            raise ValueError("inner_step: argument 'loss' must be a scalar or a 1-D tensor of per-sample losses")
+                   batch_size: int | None = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """One inner step on ``loss``: writes theta.grad, feeds the estimator,
+        steps theta. Returns the detached mean loss.
+
+        ``loss`` is best given per sample (a 1-D tensor, ``reduction="none"``):
+        the batch size is then its length, and ``batch_size`` may be left out
+        (a different one is refused). A scalar is taken as the mean over
+        ``batch_size`` samples (default 1; NHGD warns when it is not given,
+        since its Fisher is scaled by it). A loss of shape [1] is ambiguous
+        and taken as a scalar, with a warning.
+
+        ``outputs`` are the model's outputs (logits or means, one row per
+        sample) with their graph, for estimators that sample targets from the
+        model (``NHGD(fisher="sampled")``); the others ignore them. Their
+        row count must match the batch size.
+
+        A NaN or infinite loss or gradient raises :class:`NonFiniteError`
+        before anything changes (theta, its .grad, the estimator's state)."""
+        if not isinstance(loss, torch.Tensor) or loss.dim() > 1 or loss.numel() == 0:
+            raise ValueError("inner_step: argument 'loss' must be a scalar or a non-empty 1-D tensor of "
+                             "per-sample losses")
         if outputs is not None and not isinstance(outputs, torch.Tensor):
             raise ValueError(f"inner_step: argument 'outputs' must be a tensor or None, got {type(outputs).__name__}")
+        loss, batch = self._batch_of(loss, batch_size, outputs)
         per_sample = loss.dim() == 1
         mean = loss.mean() if per_sample else loss
-        batch = loss.numel() if per_sample else batch_size
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"inner_step: argument 'batch_size' must be a positive integer, got {batch!r}")
         grads = grads_or_zeros(mean, self.inner_params, retain_graph=self._differentiates_again(per_sample, outputs))
+        _refuse_nonfinite("inner_step", [mean.detach(), *grads],
+                          ["the inner loss"] + [f"the gradient of inner parameter {i}" for i in range(len(grads))],
+                          "theta, its .grad and the estimator's state are unchanged")
         extras = self._observations(loss, mean, outputs, grads)
-        for p, g in zip(self.inner_params, grads):
-            p.grad = g.detach()
         self._step_size = optimizer.param_groups[0].get("lr", self.inner_lr) if optimizer is not None else self.inner_lr
         self.observe(grads, batch_size=batch, **extras)
+        for p, g in zip(self.inner_params, grads):
+            p.grad = g.detach()
         if optimizer is not None:
             optimizer.step()
         else:
@@ -94,6 +121,41 @@ class HypergradientEstimator:
                 for p, g in zip(self.inner_params, grads):
                     p.sub_(g, alpha=self.inner_lr)
         return mean.detach()
+
+    #: whether the estimator's state depends on the batch size of a scalar loss (NHGD's Fisher scale)
+    uses_batch_size = False
+
+    def _batch_of(self, loss: torch.Tensor, batch_size, outputs: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """(the loss, a scalar unless it is per sample; the batch size), checked
+        against each other and against the outputs' rows."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"inner_step: argument 'batch_size' must be a positive integer, got {batch_size!r}")
+        rows = outputs.shape[0] if outputs is not None and outputs.dim() > 0 else None
+        if loss.dim() == 1 and loss.numel() > 1:
+            batch, source = loss.numel(), "the loss's per-sample entries"
+            if batch_size is not None and batch_size != batch:
+                raise ValueError(f"inner_step: argument 'batch_size' ({batch_size}) contradicts the {batch} "
+                                 f"per-sample losses given; leave it out for a 1-D loss")
+        else:
+            if loss.dim() == 1:
+                warnings.warn("inner_step: a loss of shape [1] is taken as a scalar (a mean over 'batch_size' "
+                              "samples); give a 0-d mean with batch_size=..., or the per-sample losses "
+                              "(reduction='none')", UserWarning, stacklevel=3)
+                loss = loss.reshape(())
+            if batch_size is None and rows is not None:
+                batch, source = rows, "the outputs' rows"
+            else:
+                batch, source = batch_size or 1, "argument 'batch_size'"
+                if batch_size is None and self.uses_batch_size:
+                    warnings.warn(f"{type(self).__name__}.inner_step: a scalar loss without 'batch_size' is taken "
+                                  "as one sample's loss; pass batch_size=<samples in the batch> (the length of "
+                                  "the inputs, not of the (inputs, targets) pair), or the per-sample losses "
+                                  "(reduction='none')", UserWarning, stacklevel=3)
+        if rows is not None and rows != batch:
+            raise ValueError(f"inner_step: argument 'outputs' has {rows} rows, but {source} say the batch holds "
+                             f"{batch} samples")
+        return loss, batch
 
     #: whether observe() uses per-sample gradient rows when inner_step gets a 1-D loss
     wants_per_sample_rows = False
@@ -131,10 +193,51 @@ class HypergradientEstimator:
     # ----------------------------------------------------------- outer level
 
     def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+        """grad Phi, one tensor per outer parameter. A NaN or infinity in the
+        outer loss, in a loss ``inner_closure`` returns or in the result
+        raises :class:`NonFiniteError`, with the estimator's state as it was
+        before the call (the same policy for every estimator)."""
+        _refuse_nonfinite("hypergradient", [outer_loss.detach()], ["the outer loss"], _UNCHANGED)
+
+        def checked_closure():
+            loss = inner_closure()
+            _refuse_nonfinite("hypergradient", [loss.detach()], ["a loss inner_closure returned"], _UNCHANGED)
+            return loss
+
+        kept = self._outer_state()
+        try:
+            result = tuple(self._hypergradient(outer_loss, checked_closure))
+            _refuse_nonfinite("hypergradient", result, ["the hypergradient"] * len(result), _UNCHANGED)
+            # a finite result from a non-finite kept variable (SOBA's z) would poison the next step
+            carried = [t for t in self._outer_state().values() if isinstance(t, torch.Tensor)]
+            _refuse_nonfinite("hypergradient", carried, ["the linear-system variable kept for the next step"]
+                              * len(carried), _UNCHANGED)
+        except BaseException:
+            self._restore_outer_state(kept)
+            raise
+        self._outer_step_done()
+        return result
+
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+        """What a subclass computes; :meth:`hypergradient` wraps it in the failure policy."""
         raise NotImplementedError
 
+    #: attributes :meth:`_hypergradient` may rebind (never change in place): kept and put back on a failure
+    _outer_step_attributes: tuple[str, ...] = ()
+
+    def _outer_state(self) -> dict:
+        return {name: getattr(self, name, None) for name in self._outer_step_attributes}
+
+    def _restore_outer_state(self, kept: dict) -> None:
+        for name, value in kept.items():
+            setattr(self, name, value)
+
+    def _outer_step_done(self) -> None:
+        """State changes that must wait until the hypergradient is known to be finite."""
+
     def backward(self, outer_loss: torch.Tensor, inner_closure: Closure) -> None:
-        """Adds the hypergradient to ``v.grad`` of every outer parameter."""
+        """Adds the hypergradient to ``v.grad`` of every outer parameter (left
+        untouched where :meth:`hypergradient` raises)."""
         for v, h in zip(self.outer_params, self.hypergradient(outer_loss, inner_closure)):
             v.grad = h.detach().clone() if v.grad is None else v.grad + h.detach()
 
@@ -177,6 +280,7 @@ class KeepsSolution(HypergradientEstimator):
     from one outer step to the next, as a warm start."""
 
     _kept: torch.Tensor | None = None
+    _outer_step_attributes = ("_kept",)
 
     def kept_or_zeros(self, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(like) if self._kept is None else self._kept

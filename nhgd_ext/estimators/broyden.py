@@ -17,6 +17,8 @@ from .base import Closure, KeepsSolution
 
 
 class Broyden(KeepsSolution):
+    _outer_step_attributes = ("_kept", "num_restarts")
+
     def __init__(self, inner_params, outer_params, *, memory: int = 20, iters: int = 40, alpha: float = 1.0,
                  tol: float = 1e-10, warm_start: bool = False, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
@@ -77,7 +79,7 @@ class Broyden(KeepsSolution):
                 V.append(vt)
         return best_w
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
         start = self.kept_or_zeros(f_theta).clone() if self.warm_start else torch.zeros_like(f_theta)

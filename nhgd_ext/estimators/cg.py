@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._finite import NonFiniteError
 from .base import Closure, KeepsSolution
 
 
@@ -20,7 +21,7 @@ class ConjugateGradient(KeepsSolution):
             raise ValueError(f"ConjugateGradient: argument 'iters' must be a positive integer, got {iters!r}")
         self.iters, self.tol, self.warm_start = iters, float(tol), warm_start
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
         w = self.kept_or_zeros(f_theta).clone() if self.warm_start else torch.zeros_like(f_theta)
@@ -33,6 +34,10 @@ class ConjugateGradient(KeepsSolution):
                 break
             Hp = self.hvp(g_theta, p)
             pHp = p @ Hp
+            if not torch.isfinite(pHp):
+                raise NonFiniteError("ConjugateGradient: a Hessian-vector product is NaN or infinite (diverged?); "
+                                     "the outer parameters' .grad and the estimator's state are unchanged",
+                                     "a Hessian-vector product")
             if not pHp > 0:  # the residual is at rounding level (or H is not positive definite along p)
                 break
             alpha = rr / pHp

@@ -19,7 +19,7 @@ class Neumann(HypergradientEstimator):
             raise ValueError(f"Neumann: argument 'scale' must be > 0, got {scale!r}")
         self.iters, self.scale = iters, float(scale)
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
         term = f_theta.clone()  # (I - phi H)^k f_theta

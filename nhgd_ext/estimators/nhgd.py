@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._finite import NonFiniteError
 from ..curvature import KFAC, DenseEFIM
 from ._layer_rows import LayerRows
 from .base import Closure, HypergradientEstimator, flat, grads_or_zeros, unflat
@@ -96,6 +97,9 @@ class NHGD(HypergradientEstimator):
     the per-sample rows (a curvature or pipeline passed in is left to its
     owner). The hooks also come off when the estimator is collected.
     """
+
+    uses_batch_size = True  # a batch-mean gradient enters the Fisher as sqrt(batch_size) g
+    _outer_step_attributes = ("_L", "_cross_steps")
 
     def __init__(self, inner_params, outer_params, *, curvature="dense", beta: float | None = None,
                  damping: float = 1e-3, fisher: str = "empirical", likelihood: str = "categorical",
@@ -282,14 +286,15 @@ class NHGD(HypergradientEstimator):
 
     # ----------------------------------------------------------- outer level
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         fed = getattr(self.curvature, "num_updates", None)
         if fed == 0:
             raise RuntimeError("NHGD.hypergradient: the curvature has seen no inner step yet (call inner_step or "
                                "observe first): there is no Fisher to solve with")
         # the backward passes below are not inner steps: layer hooks record none of them
         with self._hooks_paused():
-            return self._hypergradient(outer_loss, inner_closure)
+            return self._solve_and_cross(outer_loss, inner_closure)
 
     def _hooks_paused(self):
         stack = contextlib.ExitStack()
@@ -298,16 +303,17 @@ class NHGD(HypergradientEstimator):
             stack.enter_context(self._layer_rows.paused())
         return stack
 
-    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _solve_and_cross(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
-        w = self.curvature.solve(f_theta)
         g_theta = None
         if self.cross_form == "end" or self.refine:
             # The cross term (and refine's Hessian) of the mean over M closure
             # batches: linear in the loss, so one backward pass of the mean
-            # loss instead of one per batch.
+            # loss instead of one per batch. Taken before the solve, so that a
+            # refused closure leaves even the curvature's inverse as it was.
             batches = self.cross_batches if self.cross_form == "end" else 1
             g_theta = self.inner_gradient(sum(inner_closure() for _ in range(batches)) / batches)
+        w = self.curvature.solve(f_theta)
         if self.refine:
             w = self._refined(g_theta, f_theta, w)
         if self.cross_form == "trajectory":
@@ -319,9 +325,11 @@ class NHGD(HypergradientEstimator):
             self._L, self._cross_steps = None, 0
         else:
             cross = self.cross(g_theta, w)
-        if not self.warm_start:
-            self.curvature.reset()
         return self.combine(f_v, cross)
+
+    def _outer_step_done(self) -> None:
+        if not self.warm_start:  # only once the hypergradient is known to be finite
+            self.curvature.reset()
 
     def _refined(self, g_theta: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``refine`` steps of conjugate gradients on H w = b from w, with the
@@ -337,6 +345,10 @@ class NHGD(HypergradientEstimator):
                 break
             q = self.hvp(g_theta, p)
             pq = p @ q
+            if not torch.isfinite(pq):
+                raise NonFiniteError("NHGD(refine=...): a Hessian-vector product is NaN or infinite (diverged?); "
+                                     "the outer parameters' .grad and the estimator's state are unchanged",
+                                     "a Hessian-vector product")
             if not pq > 0:  # converged, or H is not positive definite along p: w is as good as it gets
                 break
             alpha = rz / pq

@@ -22,7 +22,7 @@ class SingleLoopAID(KeepsSolution):
             raise ValueError(f"SingleLoopAID: argument 'eta' must be > 0, got {eta!r}")
         self.eta = float(eta)
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
         v = self.kept_or_zeros(f_theta)
@@ -38,7 +38,7 @@ class SOBA(SingleLoopAID):
     def __init__(self, inner_params, outer_params, *, lr: float = 0.1, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, eta=lr, inner_lr=inner_lr)
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
         z = self.kept_or_zeros(f_theta)
@@ -58,6 +58,8 @@ class SingleLoopITD(HypergradientEstimator):
     not kept: the optimizer changes theta in place, which invalidates every
     graph that saved theta itself (any model nonlinear in theta)."""
 
+    _outer_step_attributes = ("_theta0",)
+
     def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1):
         super().__init__(inner_params, outer_params, inner_lr=inner_lr)
         self._theta0: list[torch.Tensor] | None = None
@@ -66,7 +68,7 @@ class SingleLoopITD(HypergradientEstimator):
         """Call it before the step that ``grads`` make: it keeps theta0."""
         self._theta0 = [p.detach().clone() for p in self.inner_params]
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         if self._theta0 is None:
             raise RuntimeError("SingleLoopITD.hypergradient: no inner step to differentiate through yet")
         f_v, f_theta = self.outer_gradients(outer_loss)

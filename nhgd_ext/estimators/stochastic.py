@@ -33,7 +33,7 @@ class StocBiO(HypergradientEstimator):
         self.iters = _check_positive_int("StocBiO", "iters", iters, minimum=0)
         self.scale = _check_positive("StocBiO", "scale", scale)
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         term, total = f_theta.clone(), f_theta.clone()
         for _ in range(self.iters):
@@ -48,7 +48,7 @@ class AmIGO(KeepsSolution):
         self.iters = _check_positive_int("AmIGO", "iters", iters)
         self.lr = _check_positive("AmIGO", "lr", lr)
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         w = self.kept_or_zeros(f_theta)
         for _ in range(self.iters):
@@ -66,7 +66,7 @@ class TTSA(HypergradientEstimator):
         self.seed = seed
         self.reset()
 
-    def hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
+    def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         depth = int(torch.randint(0, self.iters, (1,), generator=self._rng))
         term = f_theta.clone()
@@ -74,6 +74,12 @@ class TTSA(HypergradientEstimator):
             term = term - self.scale * self.hvp(self.inner_gradient(inner_closure()), term)
         w = self.iters * self.scale * term
         return self.combine(f_v, self.cross(self.inner_gradient(inner_closure()), w))
+
+    def _outer_state(self) -> dict:
+        return self.state_dict()
+
+    def _restore_outer_state(self, kept: dict) -> None:
+        self.load_state_dict(kept)
 
     def state_dict(self) -> dict:
         return {"rng": self._rng.get_state()}

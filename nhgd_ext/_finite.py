@@ -1,4 +1,5 @@
-"""One cheap finiteness check over several tensors before any state moves."""
+"""The failure policy for NaN and infinity: one cheap finiteness check over
+several tensors before any state moves, and the error it raises."""
 
 from __future__ import annotations
 
@@ -6,6 +7,19 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A NaN or an infinity where a finite value is needed (a diverged inner
+    or outer loop, bad data). Every estimator and curvature raises it *before*
+    changing anything: the parameters, their ``.grad`` and the estimator's
+    state are as they were, so a caller can lower a step size and go on.
+    ``quantity`` names what was not finite (``"inner loss"``,
+    ``"hypergradient"``, ...). A ValueError too, as a bad argument is."""
+
+    def __init__(self, message: str, quantity: str):
+        super().__init__(message)
+        self.quantity = quantity
 
 
 def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
