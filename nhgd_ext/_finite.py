@@ -40,3 +40,12 @@ def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
         if not bool(torch.isfinite(tensors[i]).all()):
             return i
     return None
+
+
+def refuse_nonfinite(where: str, tensors: Sequence[torch.Tensor], names: Sequence[str], unchanged: str) -> None:
+    """Raises :class:`NonFiniteError` naming the first of ``tensors`` (called
+    ``names``) that holds a NaN or an infinity; ``unchanged`` says what the
+    caller left as it was."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise NonFiniteError(f"{where}: {names[bad]} is NaN or infinite (diverged?); {unchanged}", names[bad])

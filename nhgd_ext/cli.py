@@ -26,7 +26,7 @@ from . import problems, report
 from ._devices import checked_device
 from .estimators import NHGD
 from .problems.data import EMBEDDED
-from .runner import METHODS, PIPELINED, check_method, method_spec, run
+from .runner import METHODS, PIPELINED, Interrupted, check_method, method_spec, run
 
 #: command-line name -> (class name in nhgd_ext.problems, takes --data / --data-dir)
 PROBLEMS = {
@@ -46,6 +46,26 @@ DEFAULT_RUN_TIME = {
     "poisson": "9 s",
     "quadratic": "12 s",
 }
+
+#: each problem's own loop settings (outer steps, inner steps, inner lr, outer lr), which the flags
+#: override; tests/test_cli.py checks them against the problems
+DEFAULT_SETTINGS = {
+    "cleaning": {"digits": (100, 10, 0.5, 10.0), "mnist": (200, 10, 0.1, 10.0)},
+    "distillation": {"digits": (100, 30, 1.0, 1.0), "mnist": (100, 30, 0.1, 10.0)},
+    "heat-pde": {"": (200, 50, 0.01, 0.05)},
+    "poisson": {"": (50, 20, 0.01, 0.5)},
+    "quadratic": {"": (1500, 1, 5.0, 0.05)},
+}
+
+
+def _defaults_text(column: int) -> str:
+    """'cleaning 100 (digits) / 200 (mnist), heat-pde 200, ...' for one setting."""
+    parts = []
+    for problem, by_data in DEFAULT_SETTINGS.items():
+        values = " / ".join(f"{v[column]:g}" + (f" ({data})" if data else "") for data, v in by_data.items())
+        parts.append(f"{problem} {values}")
+    return "default: the problem's own, " + ", ".join(parts)
+
 
 #: the demo: NHGD synchronous and pipelined against CG10, Neumann10 and no reweighting
 DEMO_METHODS = ["nhgd", "nhgd" + PIPELINED, "cg10", "neumann10", "none"]
@@ -68,14 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                                             "reweighting; about 20 s on two cores")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     demo.add_argument("--data", default="mnist", choices=list(EMBEDDED), help="embedded data set (default: mnist)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--outer-steps", type=int, default=None)
-    demo.add_argument("--inner-steps", type=int, default=None)
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    demo.add_argument("--outer-steps", type=int, default=None, help="(default: 200 on mnist, 100 on digits)")
+    demo.add_argument("--inner-steps", type=int, default=None, help="(default: 10)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     times = "; ".join(f"{name}: {text}" for name, text in DEFAULT_RUN_TIME.items())
-    runner = commands.add_parser("run", help="one problem, several methods, side by side",
-                                 description=f"Time of a default run on two CPU cores: {times}.")
+    runner = commands.add_parser(
+        "run", help="one problem, several methods, side by side",
+        description=f"Time of a default run on two CPU cores: {times}.",
+        epilog="Exit status: 0 when every method finished; 1 when one diverged (a NaN or infinity: the table, "
+               "results.json and stderr say which, at which step, in what; its figures are null); 2 for a bad "
+               "argument; 130 on Ctrl-C (what had finished is written first). Results are written as each "
+               "method ends.")
     runner.add_argument("problem", help=", ".join(PROBLEMS))
     runner.add_argument("--methods", default="nhgd,cg10,neumann10,none",
                         help=f"comma-separated, from {', '.join(METHODS)} "
@@ -84,18 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run every NHGD method pipelined (paper Algorithm 2: the curvature updates on "
                              "a consumer thread with its own share of the CPU threads, a second CUDA stream, "
                              "or a second GPU), beside its synchronous run")
-    runner.add_argument("--outer-steps", type=int, default=None)
-    runner.add_argument("--inner-steps", type=int, default=None)
-    runner.add_argument("--inner-lr", type=float, default=None)
-    runner.add_argument("--outer-lr", type=float, default=None)
-    runner.add_argument("--device", default="cpu")
-    runner.add_argument("--seed", type=int, default=0)
+    for column, (flag, kind) in enumerate((("--outer-steps", int), ("--inner-steps", int), ("--inner-lr", float),
+                                           ("--outer-lr", float))):
+        runner.add_argument(flag, type=kind, default=None, help=_defaults_text(column))
+    runner.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    runner.add_argument("--seed", type=int, default=0, help="data, initialization and batches (default: 0)")
     runner.add_argument("--data", default=None, choices=list(EMBEDDED),
                         help="embedded data set of cleaning and distillation (default: digits)")
     runner.add_argument("--data-dir", type=Path, default=None,
                         help="folder with MNIST / Fashion-MNIST IDX files, instead of an embedded set")
     runner.add_argument("--out", type=Path, default=None, help="output folder (default: out/<problem>)")
-    runner.add_argument("--last", type=int, default=None, help="average the table's figures over the last N steps")
+    runner.add_argument("--last", type=int, default=None,
+                        help="average the table's figures over the last N steps (default: a fifth of the run, "
+                             "at most 10; at most the run's length)")
     runner.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -116,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"nhgd_ext: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nhgd_ext: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before any method ran (data loading, pretraining)
+        print("\nnhgd_ext: interrupted; nothing had finished", file=sys.stderr)
         return 130
 
 
@@ -144,6 +170,11 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, da
         raise UsageError(f"unknown problem {problem_name!r}; choose from {', '.join(PROBLEMS)}")
     if not methods:
         raise UsageError("argument --methods: no method given")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise UsageError(f"argument --methods: {', '.join(twice)} listed more than once")
+    if last is not None and last < 1:
+        raise UsageError(f"argument --last: must be a positive number of steps, got {last}")
     class_name, takes_data = PROBLEMS[problem_name]
     cls = getattr(problems, class_name)
     for method in methods:
@@ -173,32 +204,59 @@ def _compare(problem_name: str, methods: list[str], args, *, out: Path, data, da
     def fresh():
         return copy.deepcopy(pristine)
 
-    loop = {"outer_steps": outer_steps or pristine.settings.outer_steps,
-            "inner_steps": args.inner_steps or pristine.settings.inner_steps,
-            "inner_lr": getattr(args, "inner_lr", None), "outer_lr": getattr(args, "outer_lr", None)}
-    last = last or max(1, min(10, loop["outer_steps"] // 5))
-    histories = []
-    for method in methods:
-        warm = time.perf_counter()
-        run(fresh(), method, **{**loop, "outer_steps": 1, "inner_steps": 1}, seed=args.seed)
-        warmup = time.perf_counter() - warm
-        bar = _progress(method, loop["outer_steps"], args.quiet)
-        history = run(fresh(), method, **loop, seed=args.seed, progress=bar.update if bar else None)
-        if bar:
-            bar.close()
-        history.warmup_seconds = warmup
-        histories.append(history)
+    settings = pristine.settings
+    loop = {"outer_steps": outer_steps or settings.outer_steps,
+            "inner_steps": args.inner_steps or settings.inner_steps,
+            "inner_lr": getattr(args, "inner_lr", None) or settings.inner_lr,
+            "outer_lr": getattr(args, "outer_lr", None) or settings.outer_lr}
+    last = min(last, loop["outer_steps"]) if last else max(1, min(10, loop["outer_steps"] // 5))
     references = pristine.references(loop["inner_steps"] * loop["outer_steps"])
-    metric = report.headline_metric(histories)
     source = getattr(pristine, "source", None)
-    print(f"\n{problem_name}{f' on {source}' if source else ''} (seed {args.seed}, {loop['outer_steps']} outer x "
-          f"{loop['inner_steps']} inner steps, device {args.device}, {torch.get_num_threads()} threads)")
-    print(report.table(histories, references, metric, last))
     config = {"problem": problem_name, "methods": methods, "seed": args.seed, "device": args.device,
               "data": source, "data_dir": None if data_dir is None else str(data_dir), **loop,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": _backend(args.device)}
+    histories = []
+    try:
+        for method in methods:
+            warm = time.perf_counter()
+            try:
+                run(fresh(), method, **{**loop, "outer_steps": 1, "inner_steps": 1}, seed=args.seed)
+            except Interrupted:
+                raise KeyboardInterrupt from None  # a warm-up step is no result
+            warmup = time.perf_counter() - warm
+            bar = _progress(method, loop["outer_steps"], args.quiet)
+            try:
+                history = run(fresh(), method, **loop, seed=args.seed, progress=bar.update if bar else None)
+            finally:
+                if bar:
+                    bar.close()
+            history.warmup_seconds = warmup
+            histories.append(history)
+            # on disk as each method ends: an interruption later loses nothing finished
+            report.write_all(out, histories, references, config, last, plots=False)
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Interrupted):
+            histories.append(stop.history)
+        if not histories:
+            raise
+        written = report.write_all(out, histories, references, {**config, "interrupted": True}, last)
+        print(f"\nnhgd_ext: interrupted during {method}; wrote what had finished "
+              f"({', '.join(h.method + ('' if h.status == 'finished' else ' (interrupted)') for h in histories)})"
+              f" to {', '.join(str(p) for p in written)}", file=sys.stderr)
+        return 130
+    metric = report.headline_metric(histories)
+    print(f"\n{problem_name}{f' on {source}' if source else ''} (seed {args.seed}, {loop['outer_steps']} outer x "
+          f"{loop['inner_steps']} inner steps, inner lr {loop['inner_lr']:g}, outer lr {loop['outer_lr']:g}, "
+          f"device {args.device}, {torch.get_num_threads()} threads)")
+    print(report.table(histories, references, metric, last))
     written = report.write_all(out, histories, references, config, last)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
+    diverged = [h for h in histories if h.diverged]
+    if diverged:
+        listed = "; ".join(f"{h.method} at outer step {h.diverged['step']} ({h.diverged['quantity']})"
+                           for h in diverged)
+        print(f"nhgd_ext: {len(diverged)} of {len(histories)} methods diverged: {listed}", file=sys.stderr)
+        return 1
     return 0
 
 

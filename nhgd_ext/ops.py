@@ -233,23 +233,36 @@ def ema_coeffs(beta: float) -> tuple[float, float]:
     return float(beta), 1.0 - float(beta)
 
 
-# Fake kernels: shapes only, so torch.compile and FakeTensor tracing see through the ops.
-def _no_output(*args, **kwargs) -> None:
-    return None
+# Fake kernels: shapes only, so torch.compile and FakeTensor tracing see
+# through the ops. They are also the Meta kernels, which the dispatcher picks
+# whenever any argument is on the meta device: so they check that the
+# tensors share one device (0-d coefficients may stay on the CPU), or a real
+# A with a meta g would silently do nothing.
+def _fake(qualname: str, shapes=lambda *args: None):
+    op = qualname.split("::")[1].split(".")[0]
+    packet = getattr(torch.ops.nhgd_ext, op)
+    overload = qualname.split(".")[1] if "." in qualname else "default"
+    names = [a.name for a in getattr(packet, overload)._schema.arguments]
+
+    def fake(*args, **kwargs):
+        found = []
+        for name, value in [*zip(names, args), *kwargs.items()]:
+            for t in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(t, torch.Tensor) and not (t.dim() == 0 and t.device.type == "cpu"):
+                    found.append((name, t.device))
+        for name, device in found[1:]:
+            if device != found[0][1]:
+                raise ValueError(f"{op}: argument '{name}' is on {device}, but '{found[0][0]}' is on "
+                                 f"{found[0][1]}; all tensors must be on one device")
+        return shapes(*args, **kwargs)
+
+    torch.library.register_fake(qualname)(fake)
 
 
 for _name in ("sherman_morrison_", "woodbury_", "kfac_update_", "running_average_"):
     for _overload in ("", ".tensor"):
-        torch.library.register_fake(f"nhgd_ext::{_name}{_overload}")(_no_output)
+        _fake(f"nhgd_ext::{_name}{_overload}")
 for _name in ("symmetrize_", "sherman_morrison_deferred_", "apply_pending_"):
-    torch.library.register_fake(f"nhgd_ext::{_name}")(_no_output)
-
-
-@torch.library.register_fake("nhgd_ext::symmetric_matvec")
-def _symmetric_matvec_fake(A, v):
-    return v.new_empty(A.shape[0])
-
-
-@torch.library.register_fake("nhgd_ext::kfac_apply")
-def _kfac_apply_fake(S_inv, G_inv, V):
-    return [torch.empty_like(v) for v in V]
+    _fake(f"nhgd_ext::{_name}")
+_fake("nhgd_ext::symmetric_matvec", lambda A, v: v.new_empty(A.shape[0]))
+_fake("nhgd_ext::kfac_apply", lambda S_inv, G_inv, V: [torch.empty_like(v) for v in V])

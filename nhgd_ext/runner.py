@@ -11,6 +11,7 @@ training on the data as given.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from . import estimators as E
+from ._finite import NonFiniteError, refuse_nonfinite
 from .problems import BilevelProblem
 
 #: method name -> (estimator class, options fixed by the name)
@@ -129,7 +131,12 @@ def make_estimator(problem: BilevelProblem, method: str, options: dict[str, Any]
 
 @dataclass
 class History:
-    """What one run of one method saw, per outer step (step 0: before any)."""
+    """What one run of one method saw, per outer step (step 0: before any).
+
+    A run that diverged (an estimator's :class:`NonFiniteError`, or a NaN
+    or infinite outer loss) stops there: ``rows`` hold the finite steps
+    before it and ``diverged`` says where and what. A run stopped by Ctrl-C
+    holds the steps it finished, and ``interrupted`` is set."""
 
     problem: str
     method: str
@@ -139,6 +146,13 @@ class History:
     warmup_seconds: float = 0.0
     peak_memory_bytes: int | None = None
     memory_kind: str = ""
+    #: {"step": the outer step that failed, "quantity": what was not finite, "message": the error}
+    diverged: dict[str, Any] | None = None
+    interrupted: bool = False
+
+    @property
+    def status(self) -> str:
+        return "diverged" if self.diverged else "interrupted" if self.interrupted else "finished"
 
     @property
     def final(self) -> dict[str, float]:
@@ -149,12 +163,22 @@ class History:
         return sum(values) / len(values) if values else float("nan")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run`: ``history`` holds the steps finished before it."""
+
+    def __init__(self, history: History):
+        super().__init__()
+        self.history = history
+
+
 def run(problem: BilevelProblem, method: str, *, outer_steps: int | None = None, inner_steps: int | None = None,
         inner_lr: float | None = None, outer_lr: float | None = None, options: dict[str, Any] | None = None,
         seed: int = 0, progress=None, pipeline: bool = False) -> History:
     """Runs ``method`` on ``problem`` (from its current v; theta re-initialized)
     and returns its :class:`History`. Settings left ``None`` come from
     ``problem.settings``; ``progress`` is an optional callable(step, row).
+    A divergence ends the run early and is recorded in ``History.diverged``
+    (not raised); Ctrl-C raises :class:`Interrupted` carrying the history so far.
 
     ``pipeline=True`` (an NHGD method only; the same as the name
     ``<method>-pipelined``) runs the curvature updates beside the inner loop
@@ -239,31 +263,56 @@ def _run(problem, method, device, outer_steps, inner_steps, inner_lr, outer_lr, 
         if hasattr(est, "close"):  # hooks off the model, a pipeline's consumer stopped
             cleanup.callback(est.close)
         elapsed = 0.0
-        history.rows.append(_evaluate(problem, 0, elapsed))
-        for step in range(1, outer_steps + 1):
-            _sync(device)
-            tick = time.perf_counter()
-            for _ in range(inner_steps):
-                if est is None:
-                    inner_opt.zero_grad(set_to_none=True)
-                    problem.inner_loss(problem.sample_batch()).backward(inputs=problem.inner_params)
-                    inner_opt.step()
-                else:
-                    loss, outputs = inner_loss()
-                    est.inner_step(loss, inner_opt, batch_size=_batch_size(problem), outputs=outputs)
-            if est is not None:
-                outer_opt.zero_grad(set_to_none=True)
-                est.backward(problem.outer_loss(), closure)
-                outer_opt.step()
-                problem.project_outer()
-            _sync(device)
-            elapsed += time.perf_counter() - tick
-            memory.sample()
-            history.rows.append(_evaluate(problem, step, elapsed))
-            if progress is not None:
-                progress(step, history.rows[-1])
+        try:
+            history.rows.append(_evaluate(problem, 0, elapsed))
+            for step in range(1, outer_steps + 1):
+                _sync(device)
+                tick = time.perf_counter()
+                try:
+                    _outer_step(problem, est, inner_opt, outer_opt, inner_steps, inner_loss, closure)
+                except NonFiniteError as err:
+                    history.diverged = {"step": step, "quantity": err.quantity, "message": str(err)}
+                    break
+                _sync(device)
+                elapsed += time.perf_counter() - tick
+                memory.sample()
+                row = _evaluate(problem, step, elapsed)
+                if not math.isfinite(row["outer_loss"]):
+                    history.diverged = {"step": step, "quantity": "the outer loss",
+                                        "message": f"the outer loss is {row['outer_loss']} after step {step}"}
+                    break
+                history.rows.append(row)
+                if progress is not None:
+                    progress(step, row)
+        except KeyboardInterrupt:
+            history.interrupted = True
+            history.peak_memory_bytes, history.memory_kind = memory.peak(), memory.kind
+            raise Interrupted(history) from None
     history.peak_memory_bytes, history.memory_kind = memory.peak(), memory.kind
     return history
+
+
+def _outer_step(problem, est, inner_opt, outer_opt, inner_steps, inner_loss, closure) -> None:
+    """``inner_steps`` inner steps and, with an estimator, one outer step.
+    Raises NonFiniteError (from the estimator, or for ``none`` from its own
+    check of the inner loss) where the run diverged."""
+    for _ in range(inner_steps):
+        if est is None:
+            inner_opt.zero_grad(set_to_none=True)
+            loss = problem.inner_loss(problem.sample_batch())
+            refuse_nonfinite("inner step", [loss.detach()], ["the inner loss"], "theta is unchanged")
+            loss.backward(inputs=problem.inner_params)
+            inner_opt.step()
+        else:
+            loss, outputs = inner_loss()
+            # a per-sample loss says its batch size itself
+            batch_size = None if loss.dim() == 1 else _batch_size(problem)
+            est.inner_step(loss, inner_opt, batch_size=batch_size, outputs=outputs)
+    if est is not None:
+        outer_opt.zero_grad(set_to_none=True)
+        est.backward(problem.outer_loss(), closure)
+        outer_opt.step()
+        problem.project_outer()
 
 
 def _has_no_outputs(problem: BilevelProblem) -> bool:
@@ -276,9 +325,12 @@ def _batch_size(problem: BilevelProblem) -> int:
 
 
 def _evaluate(problem: BilevelProblem, step: int, elapsed: float) -> dict[str, float]:
+    """The outer loss and the problem's metrics; the metrics only where the
+    outer loss is finite (metrics of diverged parameters mean nothing)."""
     with torch.no_grad():
         row = {"step": step, "wall_time": elapsed, "outer_loss": float(problem.outer_loss())}
-        row.update(problem.metrics())
+        if math.isfinite(row["outer_loss"]):
+            row.update(problem.metrics())
     return row
 
 

@@ -197,6 +197,9 @@ def test_nhgd_kfac_on_a_pinn_is_refused_before_the_problem_is_built(monkeypatch,
     (["run", "quadratic", "--device", "mps"], "argument --device: must be cpu, cuda or cuda:N, got 'mps'"),
     (["run", "quadratic", "--seed", "99999999999999999999999"], "argument --seed: must lie in [0, 2**63)"),
     (["run", "quadratic", "--seed", "-1"], "argument --seed: must lie in [0, 2**63)"),
+    (["run", "quadratic", "--methods", "nhgd,cg10,nhgd"], "argument --methods: nhgd listed more than once"),
+    (["run", "quadratic", "--last", "-3"], "argument --last: must be a positive number of steps, got -3"),
+    (["run", "quadratic", "--last", "0"], "argument --last: must be a positive number"),
     (["fly"], "invalid choice"),
     ([], "required"),
 ])
@@ -239,3 +242,117 @@ def test_python_dash_m_exits_2_without_a_traceback():
     lines = [line for line in done.stderr.splitlines() if line.startswith("nhgd_ext: error")]
     assert lines == ["nhgd_ext: error: unknown method 'bogus'; choose from " + lines[0].split("choose from ")[1]]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "quadratic", "--methods", "cg10,none,nhgd-kfac", "--outer-steps", "3000"],
+    ["run", "cleaning", "--methods", "none,cg10,nhgd-sampled"],
+    ["run", "quadratic", "--methods", "cg10,none,newton"],
+])
+def test_every_method_is_checked_before_the_first_one_runs(argv, tmp_path, capsys, monkeypatch):
+    import nhgd_ext.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("a method ran before all were checked"))
+    assert main(argv + ["--out", str(tmp_path), "--quiet"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def strict_json(path: Path) -> dict:
+    return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in {path}"))
+
+
+def test_diverged_methods_are_marked_with_step_and_quantity_and_exit_1(tmp_path, capsys):
+    """An inner step size of 1e30 sends every method's inner loss to infinity
+    in the first outer step: each is marked, its figures are null, the run
+    goes on to the next method, and the exit status is 1."""
+    methods = ["nhgd", "cg10", "none"]
+    assert main(["run", "cleaning", "--methods", ",".join(methods), "--inner-lr", "1e30", "--outer-steps", "3",
+                 "--out", str(tmp_path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "3 of 3 methods diverged: nhgd at outer step 1 (the inner loss)" in captured.err
+    assert captured.out.count("diverged at step 1 (the inner loss)") == 3
+    results = strict_json(tmp_path / "results.json")
+    for method in methods:
+        figures = results["methods"][method]
+        assert figures["status"] == "diverged"
+        assert figures["diverged"]["step"] == 1 and figures["diverged"]["quantity"] == "the inner loss"
+        assert figures["final_outer_loss"] is None and figures["test_accuracy"] is None
+        assert figures["final_metrics"] == {}
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} == {"diverged"} and {r["step"] for r in rows} == {"0"}  # no NaN rows
+
+
+def test_a_curvature_that_loses_definiteness_is_a_divergence_not_a_traceback(tmp_path, capsys):
+    """Outer step 1e6 on the quadratic: theta's gradients grow past what
+    F + damping I can hold in float64. NHGD is marked diverged (the
+    curvature); CG goes on with finite, huge figures."""
+    assert main(["run", "quadratic", "--methods", "nhgd,cg10", "--outer-lr", "1e6", "--outer-steps", "3",
+                 "--out", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nhgd at outer step 2 (the curvature)" in err
+    results = strict_json(tmp_path / "results.json")
+    assert results["methods"]["nhgd"]["status"] == "diverged"
+    assert results["methods"]["cg10"]["status"] == "finished"
+
+
+def test_results_record_the_settings_used_and_label_the_memory_and_the_mean(tmp_path, capsys):
+    assert main(["run", "quadratic", "--methods", "cg10", "--outer-steps", "2", "--last", "1000",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = strict_json(tmp_path / "results.json")
+    config = results["config"]
+    assert (config["outer_steps"], config["inner_steps"], config["inner_lr"], config["outer_lr"]) == (2, 1, 5.0, 0.05)
+    assert "outer_loss_mean_last_2" in results["methods"]["cg10"]  # --last 1000 on 2 steps: labelled 2
+    assert "mean last 2" in printed and "RSS growth [MB]" in printed and "peak mem" not in printed
+
+
+def test_default_settings_in_the_help_are_the_problems_own():
+    from nhgd_ext import problems
+    from nhgd_ext.cli import DEFAULT_SETTINGS, PROBLEMS
+
+    built = {("cleaning", "digits"): problems.HyperDataCleaning(),
+             ("cleaning", "mnist"): problems.HyperDataCleaning(data="mnist"),
+             ("distillation", "digits"): problems.DataDistillation(),
+             ("distillation", "mnist"): problems.DataDistillation(data="mnist"),
+             ("heat-pde", ""): problems.HeatPDEControl(n_interior=16, n_boundary_per_side=4, n_initial=4, n_test=8,
+                                                       batch_size=None, pretrain_steps=0),
+             ("poisson", ""): problems.PoissonControl1D(),
+             ("quadratic", ""): problems.SyntheticQuadratic()}
+    assert set(DEFAULT_SETTINGS) == set(PROBLEMS)
+    for (name, data), problem in built.items():
+        s = problem.settings
+        assert DEFAULT_SETTINGS[name][data] == (s.outer_steps, s.inner_steps, s.inner_lr, s.outer_lr), name
+
+
+def test_ctrl_c_writes_what_had_finished_and_the_interrupted_history(tmp_path):
+    """SIGINT once the first method's results are on disk: exit 130, 'none'
+    finished, 'nhgd' marked interrupted with the steps it made, and the
+    message on a line of its own."""
+    import signal
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "nhgd_ext", "run", "cleaning", "--methods", "none,nhgd",
+                             "--outer-steps", "3000", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "results.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(4.0)  # nhgd's warm-up step, then some of its steps
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert any(line.startswith("nhgd_ext: interrupted during nhgd") for line in err.splitlines())
+    results = strict_json(tmp_path / "results.json")
+    assert results["config"]["interrupted"] is True
+    assert results["methods"]["none"]["status"] == "finished"
+    assert results["methods"]["none"]["outer_steps"] == 3000
+    stopped = results["methods"]["nhgd"]
+    assert stopped["status"] == "interrupted" and 0 < stopped["outer_steps"] < 3000
+    assert stopped["final_outer_loss"] is not None
+    assert (tmp_path / "outer_loss.png").exists()

@@ -189,3 +189,38 @@ def test_compile_aot_eager_matches_eager(device, dtype, coeffs):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_inductor_matches_eager(device):
     _compare_compiled("inductor", device, torch.float32, "float")
+
+
+def _to_meta(x):
+    if isinstance(x, (list, tuple)):
+        return type(x)(t.to("meta") for t in x)
+    return x.to("meta")
+
+
+def _movable(args) -> list[int]:
+    """The positions after the first of the arguments that hold tensors (not 0-d coefficients)."""
+    return [i for i, a in enumerate(args) if i > 0 and (
+        (isinstance(a, torch.Tensor) and a.dim() > 0) or (isinstance(a, list) and a))]
+
+
+MIXABLE = [c[0] for c in sample_inputs("cpu", torch.float64) if _movable(c[2])]
+assert len(MIXABLE) == len(CASE_NAMES) - 2  # only symmetrize_'s two cases take one tensor
+
+
+@pytest.mark.parametrize("case", MIXABLE)
+def test_a_meta_argument_beside_real_tensors_is_refused_not_silently_skipped(case):
+    """Any meta argument sends an op to its Meta kernel, which must not
+    return as if it had updated the real state."""
+    name, op, args, kwargs = next(c for c in sample_inputs("cpu", torch.float64) if c[0] == case)
+    first = args[0]
+    before = [t.clone() for t in first] if isinstance(first, list) else first.clone()
+    for i in _movable(args):
+        mixed = list(args)
+        mixed[i] = _to_meta(args[i])
+        with pytest.raises(ValueError, match="is on meta, but"):
+            op(*mixed, **kwargs)
+    after = args[0]
+    if isinstance(before, list):
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    else:
+        assert torch.equal(after, before)

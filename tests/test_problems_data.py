@@ -125,6 +125,42 @@ def test_load_idx_folder_rejects_a_malformed_file(tmp_path):
         data.load_idx_folder(tmp_path)
 
 
+def test_read_idx_rejects_a_gzip_stream_damaged_inside(tmp_path):
+    """One byte flipped inside the deflate stream: zlib's own error becomes a
+    ValueError naming the file."""
+    path = write_idx(tmp_path / "images", np.arange(400).reshape(4, 10, 10) % 256, gz=True)
+    raw = bytearray(open(path, "rb").read())
+    raw[33] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=r"images\.gz.*could not be read"):
+        data.read_idx(path)
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_load_idx_folder_rejects_files_without_images(tmp_path, part):
+    write_mnist_folder(tmp_path)
+    write_idx(tmp_path / data.IDX_FILES[f"{part}_images"], np.zeros((0, 5, 3)))
+    write_idx(tmp_path / data.IDX_FILES[f"{part}_labels"], np.zeros(0))
+    with pytest.raises(ValueError, match="holds no pixels"):
+        data.load_idx_folder(tmp_path)
+
+
+def test_load_idx_folder_rejects_a_stray_label_that_would_make_new_classes(tmp_path):
+    write_mnist_folder(tmp_path)
+    labels = np.arange(60) % 10
+    labels[7] = 200
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.*up to 200 but 190 classes have none"):
+        data.load_idx_folder(tmp_path)
+
+
+def test_load_idx_folder_rejects_a_test_label_outside_the_training_classes(tmp_path):
+    write_mnist_folder(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(23, 12))
+    with pytest.raises(ValueError, match="label 12 is not one of the 10 training classes"):
+        data.load_idx_folder(tmp_path)
+
+
 # --------------------------------------------------------------------- digits
 
 

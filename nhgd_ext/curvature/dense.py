@@ -234,7 +234,13 @@ class DenseEFIM:
         the paper's beta = 0.8 and a batch of 100 would forget everything
         every step). The running average counts rows either way."""
         self._make_room("G", G, 2)
-        self._core.update_many(G, bool(per_step))
+        try:
+            self._core.update_many(G, bool(per_step))
+        except torch.linalg.LinAlgError:
+            # Only the eager factorization that ends a large step raises this,
+            # after the rows reached F and the counters moved: a consistent
+            # state without a factor, which the next solve builds (or reports).
+            pass
 
     def _make_room(self, name: str, x, ndim: int) -> None:
         """Under ``"auto"``, turns the compact form dense before an update
@@ -277,10 +283,17 @@ class DenseEFIM:
             raise ValueError(f"DenseEFIM.solve: argument 'v' must have shape [{self.dim}] or [{self.dim}, m], got {got}")
         if first_nonfinite([v]) is not None:
             raise NonFiniteError("DenseEFIM.solve: argument 'v' contains NaN or infinite values", "v")
-        if isinstance(self._core, CompactCore):
-            return self._core.solve(v)
-        b = v.to(device=self.device, dtype=torch.float64)
-        w = self._dense_solve(b.unsqueeze(1) if b.dim() == 1 else b)
+        try:
+            if isinstance(self._core, CompactCore):
+                return self._core.solve(v)
+            b = v.to(device=self.device, dtype=torch.float64)
+            w = self._dense_solve(b.unsqueeze(1) if b.dim() == 1 else b)
+        except (torch.linalg.LinAlgError, _NoConvergence) as err:
+            # every factorization and rebuild writes its result only once it succeeded
+            raise NonFiniteError(f"DenseEFIM.solve: F + damping I is not positive definite in floating point "
+                                 f"({_one_line(err)}): F's scale dwarfs the damping {self.damping:g}, so the "
+                                 f"gradients fed diverged or the damping is too small for them; the state is "
+                                 f"unchanged", "the curvature") from err
         return (w.squeeze(1) if b.dim() == 1 else w).to(self.dtype)
 
     def _learn_steps_per_solve(self) -> None:
@@ -326,9 +339,16 @@ class DenseEFIM:
                 break
             core.refresh()
         if not converged:
-            raise RuntimeError("DenseEFIM.solve: conjugate gradients did not converge on the exactly rebuilt "
-                               "inverse; F or the damping may be far outside the dtype's range")
+            raise _NoConvergence("conjugate gradients did not converge on the exactly rebuilt inverse")
         return w
+
+
+class _NoConvergence(RuntimeError):
+    pass
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:160]
 
 
 def _pcg(apply, precondition, b: torch.Tensor, tol: float) -> tuple[torch.Tensor, bool]:

@@ -317,7 +317,9 @@ class KFAC:
                 built.append(torch.cholesky_inverse(L))
                 infos.append(info)
         if bool(torch.stack(infos).any()):
-            raise RuntimeError("KFAC: a damped factor is not positive definite; the inverses were left unchanged")
+            raise NonFiniteError("KFAC: a damped factor is not positive definite in floating point (its scale "
+                                 "dwarfs the damping: the inputs or gradients fed diverged, or the damping is too "
+                                 "small for them); the inverses were left unchanged", "the curvature")
         targets = [t for layer in self.layers for t in (layer.S_inv, layer.G_inv)]
         for inverse, exact in zip(targets, built):
             inverse.copy_(ops.symmetrize_(exact.contiguous()))  # exactly symmetric, then cast

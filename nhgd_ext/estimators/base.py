@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._finite import NonFiniteError, first_nonfinite
+from .._finite import refuse_nonfinite
 
 Closure = Callable[[], torch.Tensor]
 
@@ -35,12 +35,6 @@ def _param_list(name: str, params) -> list[torch.Tensor]:
 
 
 _UNCHANGED = "the outer parameters' .grad and the estimator's state are unchanged"
-
-
-def _refuse_nonfinite(where: str, tensors: Sequence[torch.Tensor], names: Sequence[str], unchanged: str) -> None:
-    bad = first_nonfinite(tensors)
-    if bad is not None:
-        raise NonFiniteError(f"{where}: {names[bad]} is NaN or infinite (diverged?); {unchanged}", names[bad])
 
 
 def grads_or_zeros(output: torch.Tensor, params: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:
@@ -106,7 +100,7 @@ class HypergradientEstimator:
         per_sample = loss.dim() == 1
         mean = loss.mean() if per_sample else loss
         grads = grads_or_zeros(mean, self.inner_params, retain_graph=self._differentiates_again(per_sample, outputs))
-        _refuse_nonfinite("inner_step", [mean.detach(), *grads],
+        refuse_nonfinite("inner_step", [mean.detach(), *grads],
                           ["the inner loss"] + [f"the gradient of inner parameter {i}" for i in range(len(grads))],
                           "theta, its .grad and the estimator's state are unchanged")
         extras = self._observations(loss, mean, outputs, grads)
@@ -197,20 +191,20 @@ class HypergradientEstimator:
         outer loss, in a loss ``inner_closure`` returns or in the result
         raises :class:`NonFiniteError`, with the estimator's state as it was
         before the call (the same policy for every estimator)."""
-        _refuse_nonfinite("hypergradient", [outer_loss.detach()], ["the outer loss"], _UNCHANGED)
+        refuse_nonfinite("hypergradient", [outer_loss.detach()], ["the outer loss"], _UNCHANGED)
 
         def checked_closure():
             loss = inner_closure()
-            _refuse_nonfinite("hypergradient", [loss.detach()], ["a loss inner_closure returned"], _UNCHANGED)
+            refuse_nonfinite("hypergradient", [loss.detach()], ["a loss inner_closure returned"], _UNCHANGED)
             return loss
 
         kept = self._outer_state()
         try:
             result = tuple(self._hypergradient(outer_loss, checked_closure))
-            _refuse_nonfinite("hypergradient", result, ["the hypergradient"] * len(result), _UNCHANGED)
+            refuse_nonfinite("hypergradient", result, ["the hypergradient"] * len(result), _UNCHANGED)
             # a finite result from a non-finite kept variable (SOBA's z) would poison the next step
             carried = [t for t in self._outer_state().values() if isinstance(t, torch.Tensor)]
-            _refuse_nonfinite("hypergradient", carried, ["the linear-system variable kept for the next step"]
+            refuse_nonfinite("hypergradient", carried, ["the linear-system variable kept for the next step"]
                               * len(carried), _UNCHANGED)
         except BaseException:
             self._restore_outer_state(kept)

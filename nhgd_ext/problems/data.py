@@ -14,6 +14,7 @@ import functools
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,10 +103,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # a damaged gzip stream raises any of these
         if isinstance(err, FileNotFoundError):
             raise
-        raise ValueError(f"IDX file {path!r} could not be read: {err}") from err
+        raise ValueError(f"IDX file {path!r} could not be read ({type(err).__name__}: {err}); "
+                         "is it damaged?") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"IDX file {path!r}: bad magic number {raw[:4].hex() or '(empty)'}; "
                          "an IDX file starts with two zero bytes, a dtype code and the number of dimensions")
@@ -173,15 +175,35 @@ def _load_idx_cached(paths: tuple[tuple[str, str], ...], _stamp) -> LabeledImage
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"IDX files {paths[part + '_images']!r} and {paths[part + '_labels']!r} hold "
                              f"{images.shape[0]} images but {labels.shape[0]} labels")
+        if images.size == 0:
+            raise ValueError(f"IDX file {paths[part + '_images']!r} holds no pixels (dims {images.shape})")
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise ValueError("IDX files: training and test images differ in size "
                          f"({arrays['train_images'].shape[1:]} vs {arrays['test_images'].shape[1:]})")
     image_shape = tuple(arrays["train_images"].shape[1:])
     flat = lambda a: a.reshape(a.shape[0], -1).astype(np.float64) / 255.0  # noqa: E731
-    num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+    num_classes = _checked_classes(arrays["train_labels"], arrays["test_labels"], paths)
     return _frozen(LabeledImages(flat(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
                                  flat(arrays["test_images"]), arrays["test_labels"].astype(np.int64),
                                  num_classes, image_shape, os.path.dirname(next(iter(paths.values())))))
+
+
+def _checked_classes(train: np.ndarray, test: np.ndarray, paths: dict[str, str]) -> int:
+    """The number of classes C, where the training labels are 0 .. C-1 with
+    every class present and the test labels among them; a ValueError naming
+    the file otherwise (a stray label of 200 would make a 201-class problem)."""
+    present = np.unique(train)
+    num_classes = int(present[-1]) + 1
+    if len(present) != num_classes:
+        gaps = sorted(set(range(num_classes)) - set(present.tolist()))
+        shown = ", ".join(map(str, gaps[:5])) + (", ..." if len(gaps) > 5 else "")
+        raise ValueError(f"IDX file {paths['train_labels']!r}: labels must be the classes 0 .. C-1, each with "
+                         f"training samples; labels go up to {num_classes - 1} but {len(gaps)} classes have none "
+                         f"({shown})")
+    if int(test.max()) >= num_classes:
+        raise ValueError(f"IDX file {paths['test_labels']!r}: label {int(test.max())} is not one of the "
+                         f"{num_classes} training classes")
+    return num_classes
 
 
 def data_source(data: str, data_dir: str | os.PathLike | None) -> str:
