@@ -5,7 +5,7 @@ from ._finite import NonFiniteError
 from . import ops
 
 __version__ = "0.1.0"
-__all__ = ["NonFiniteError", "backend", "compiled_with_cuda", "ops", "run", "__version__"]
+__all__ = ["NonFiniteError", "backend", "compiled_with_cuda", "free_cores", "ops", "run", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from .runner import run
 
         return run
+    if name == "free_cores":  # the cores other processes leave free: a thread count for a shared machine
+        from ._cores import free_cores
+
+        return free_cores
     raise AttributeError(f"module 'nhgd_ext' has no attribute {name!r}")

@@ -3,11 +3,12 @@
     python -m nhgd_ext demo [--out DIR] [--data mnist|digits]
     python -m nhgd_ext run cleaning|distillation|heat-pde|poisson|quadratic \\
         [--methods nhgd,cg10,neumann10,none,...] [--pipeline] [--outer-steps K] [--inner-steps T] \\
-        [--device cpu|cuda] [--seed S] [--data mnist|digits | --data-dir PATH] [--out DIR]
+        [--device cpu|cuda] [--seed S] [--threads N|auto] [--data mnist|digits | --data-dir PATH] [--out DIR]
 
 Every method runs on its own fresh instance of the problem (same seed: same
 data, same starting point). Bad arguments end with one line on stderr and
-exit status 2.
+exit status 2, before any work; a diverged method gives exit status 1,
+Ctrl-C 130 (what had finished is written first).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--inner-steps", type=int, default=None, help="(default: 10)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _threads_flag(demo)
     times = "; ".join(f"{name}: {text}" for name, text in DEFAULT_RUN_TIME.items())
     runner = commands.add_parser(
         "run", help="one problem, several methods, side by side",
@@ -123,12 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="average the table's figures over the last N steps (default: a fifth of the run, "
                              "at most 10; at most the run's length)")
     runner.add_argument("--quiet", action="store_true", help="no progress bars")
+    _threads_flag(runner)
     return parser
 
 
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", default="auto",
+                        help="torch's intra-op threads: a number, or 'auto' (the default): as many as the cores "
+                             "other processes leave free when the run starts, unless OMP_NUM_THREADS is set")
+
+
+def _set_threads(value: str) -> None:
+    """``--threads``: a positive number, or ``auto`` (the free cores, see
+    nhgd_ext/_cores.py; OMP_NUM_THREADS, where set, wins)."""
+    if value == "auto":
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        from ._cores import free_cores
+
+        threads = free_cores()
+    else:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise UsageError(f"argument --threads: must be a positive number or 'auto', got {value!r}")
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
+    threads_before = torch.get_num_threads()  # put back for a caller in the same process
     try:
         args = build_parser().parse_args(argv)
+        _set_threads(args.threads)
         if args.command == "demo":
             return _compare("cleaning", DEMO_METHODS, args, out=args.out, data=args.data, data_dir=None,
                             outer_steps=args.outer_steps, last=10)
@@ -145,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before any method ran (data loading, pretraining)
         print("\nnhgd_ext: interrupted; nothing had finished", file=sys.stderr)
         return 130
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
 
 
 def _with_pipelined_twins(methods: list[str]) -> list[str]:

@@ -356,3 +356,20 @@ def test_ctrl_c_writes_what_had_finished_and_the_interrupted_history(tmp_path):
     assert stopped["status"] == "interrupted" and 0 < stopped["outer_steps"] < 3000
     assert stopped["final_outer_loss"] is not None
     assert (tmp_path / "outer_loss.png").exists()
+
+
+def test_plots_give_every_method_its_own_style_draw_the_references_and_name_the_axes():
+    from nhgd_ext import report
+
+    histories = [History(problem="cleaning", method=f"m{i}",
+                         rows=[{"step": s, "wall_time": 0.1 * s, "outer_loss": 1.0 / (s + 1 + i),
+                                "test_accuracy": 0.5 + 0.01 * s} for s in range(3)]) for i in range(13)]
+    histories[3].diverged = {"step": 3, "quantity": "the inner loss", "message": ""}
+    fig = report.figure(histories, "test_accuracy", {"val-only": {"test_accuracy": 0.83}})
+    by_step, by_time = fig.axes
+    styles = {(line.get_color(), line.get_linestyle()) for line in by_step.get_lines()[:13]}
+    assert len(styles) == 13  # no two methods alike (tab10 repeats its colours after ten)
+    labels = [t.get_text() for t in by_time.get_legend().get_texts()]
+    assert "val-only" in labels and "m3 (diverged)" in labels
+    assert any(line.get_ydata()[0] == 0.83 for line in by_step.get_lines()[13:])  # the reference on both panels
+    assert by_step.get_ylabel() == "test accuracy" and report.LABELS["grad_norm_sq"] == "squared hypergradient norm"
