@@ -373,3 +373,45 @@ def test_plots_give_every_method_its_own_style_draw_the_references_and_name_the_
     assert "val-only" in labels and "m3 (diverged)" in labels
     assert any(line.get_ydata()[0] == 0.83 for line in by_step.get_lines()[13:])  # the reference on both panels
     assert by_step.get_ylabel() == "test accuracy" and report.LABELS["grad_norm_sq"] == "squared hypergradient norm"
+
+
+def _broken_idx_folder(folder: Path, how: str) -> None:
+    import numpy as np
+
+    from nhgd_ext.problems import data
+    from test_problems_data import write_idx, write_mnist_folder
+
+    write_mnist_folder(folder, gz=how == "damaged gzip")
+    if how == "damaged gzip":
+        path = folder / "train-images-idx3-ubyte.gz"
+        raw = bytearray(path.read_bytes())
+        raw[33] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif how == "no images":
+        write_idx(folder / data.IDX_FILES["train_images"], np.zeros((0, 5, 3)))
+        write_idx(folder / data.IDX_FILES["train_labels"], np.zeros(0))
+    else:
+        labels = np.arange(60) % 10
+        labels[5] = 200
+        write_idx(folder / data.IDX_FILES["train_labels"], labels)
+
+
+@pytest.mark.parametrize("how, says", [("damaged gzip", "could not be read"), ("no images", "holds no pixels"),
+                                       ("label 200", "labels go up to 200 but 190 classes have none")])
+def test_a_broken_idx_folder_gives_one_line_and_exit_2(how, says, tmp_path, capsys):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    _broken_idx_folder(folder, how)
+    assert main(["run", "cleaning", "--data-dir", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_run_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--outer-steps", "--inner-steps", "--inner-lr", "--outer-lr"):
+        assert f"{flag} {flag[2:].upper().replace('-', '_')} default: the problem's own, cleaning" in text
+    assert "--device DEVICE cpu, cuda or cuda:N (default: cpu)" in text
+    assert "--threads THREADS torch's intra-op threads" in text and "Exit status: 0" in text

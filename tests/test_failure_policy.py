@@ -182,3 +182,36 @@ def test_nonfinite_error_is_exported_at_the_top_and_names_what_diverged():
     assert nhgd_ext.NonFiniteError is NonFiniteError
     err = NonFiniteError("x", "the outer loss")
     assert isinstance(err, FloatingPointError) and isinstance(err, ValueError) and err.quantity == "the outer loss"
+
+
+def test_kfac_refuses_an_infinite_capture_before_touching_any_block():
+    """A parameter outside the nn.Linear layers (a diagonal block) and an
+    infinite input: the update is refused with the factors, the diagonal
+    block and the counters as they were."""
+    from nhgd_ext.curvature import KFAC
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2).double()
+            self.scale = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    torch.manual_seed(0)
+    model = Scaled()
+    params = list(model.parameters())
+    with KFAC(model, params=params) as kfac:
+        x = torch.randn(4, 3, dtype=torch.float64)
+        (model(x) ** 2).mean().backward()
+        kfac.update(torch.cat([p.grad.reshape(-1) for p in params]), batch_size=4)
+        before = copy.deepcopy(kfac.state_dict())
+        x[1, 2] = float("inf")
+        model.zero_grad()
+        (model(x) ** 2).mean().backward()
+        finite_g = torch.ones(sum(p.numel() for p in params), dtype=torch.float64)  # only the captures are bad
+        with pytest.raises(NonFiniteError, match="captures") as info:
+            kfac.update(finite_g, batch_size=4)
+        assert info.value.quantity.startswith("captures")
+        assert_same(before, kfac.state_dict())
