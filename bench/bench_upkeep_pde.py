@@ -83,7 +83,7 @@ def main() -> None:
                 inner.step()
             else:
                 loss, outputs = problem.inner_loss_and_outputs(problem.sample_batch())
-                est.inner_step(loss, inner, batch_size=problem.batch_size, outputs=outputs)
+                est.inner_step(loss, inner, outputs=outputs)  # the outputs' rows are the batch
         if est is not None:
             outer.zero_grad(set_to_none=True)
             est.backward(problem.outer_loss(), lambda: problem.inner_loss(problem.sample_batch()))

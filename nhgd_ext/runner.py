@@ -305,9 +305,7 @@ def _outer_step(problem, est, inner_opt, outer_opt, inner_steps, inner_loss, clo
             inner_opt.step()
         else:
             loss, outputs = inner_loss()
-            # a per-sample loss says its batch size itself
-            batch_size = None if loss.dim() == 1 else _batch_size(problem)
-            est.inner_step(loss, inner_opt, batch_size=batch_size, outputs=outputs)
+            est.inner_step(loss, inner_opt, batch_size=_batch_size(problem, loss, outputs), outputs=outputs)
     if est is not None:
         outer_opt.zero_grad(set_to_none=True)
         est.backward(problem.outer_loss(), closure)
@@ -319,7 +317,12 @@ def _has_no_outputs(problem: BilevelProblem) -> bool:
     return type(problem).inner_loss_and_outputs is BilevelProblem.inner_loss_and_outputs
 
 
-def _batch_size(problem: BilevelProblem) -> int:
+def _batch_size(problem: BilevelProblem, loss: torch.Tensor, outputs: torch.Tensor | None) -> int | None:
+    """What the runner tells ``inner_step``: nothing where the loss (per
+    sample) or the outputs (one row per sample) say it; else the problem's
+    batch size, or 1 for a problem without batches."""
+    if loss.dim() == 1 or outputs is not None:
+        return None
     size = getattr(problem, "batch_size", None)
     return size if isinstance(size, int) and size > 0 else 1
 

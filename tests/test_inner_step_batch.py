@@ -65,7 +65,7 @@ def test_outputs_with_another_row_count_than_the_batch_are_refused():
     X = torch.randn(6, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="'outputs' has 4 rows"):
         est.inner_step(losses(), outputs=model(X[:4]))
-    with pytest.raises(ValueError, match="'outputs' has 6 rows, but argument 'batch_size' say"):
+    with pytest.raises(ValueError, match=r"'outputs' has 6 rows, but the batch holds 2 samples \(argument 'batch_size'\)"):
         est.inner_step(losses().mean(), batch_size=2, outputs=model(X))
     assert est.curvature.num_updates == 0
 
@@ -80,12 +80,15 @@ def test_a_scalar_loss_with_outputs_takes_their_row_count():
     assert est.curvature.state_dict()["num_samples"] == 1  # one batch-mean update
 
 
-def test_a_loss_of_shape_one_is_taken_as_a_scalar_with_a_warning():
+def test_a_loss_of_shape_one_is_taken_as_a_scalar_with_a_warning_unless_the_batch_size_is_given():
     model, v, losses = problem()
     est = E.ConjugateGradient(list(model.parameters()), [v])
     with pytest.warns(UserWarning, match=r"shape \[1\] is taken as a scalar"):
-        mean = est.inner_step(losses().mean().reshape(1), batch_size=6)
+        mean = est.inner_step(losses().mean().reshape(1))
     assert mean.dim() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.inner_step(losses().mean().reshape(1), batch_size=6)
 
 
 def test_nhgd_warns_of_a_scalar_loss_without_batch_size_and_the_others_do_not():

@@ -127,28 +127,29 @@ class HypergradientEstimator:
             raise ValueError(f"inner_step: argument 'batch_size' must be a positive integer, got {batch_size!r}")
         rows = outputs.shape[0] if outputs is not None and outputs.dim() > 0 else None
         if loss.dim() == 1 and loss.numel() > 1:
-            batch, source = loss.numel(), "the loss's per-sample entries"
+            batch, source = loss.numel(), "as many as the per-sample losses"
             if batch_size is not None and batch_size != batch:
                 raise ValueError(f"inner_step: argument 'batch_size' ({batch_size}) contradicts the {batch} "
                                  f"per-sample losses given; leave it out for a 1-D loss")
         else:
-            if loss.dim() == 1:
+            shape_one = loss.dim() == 1
+            if shape_one and batch_size is None and rows is None:
                 warnings.warn("inner_step: a loss of shape [1] is taken as a scalar (a mean over 'batch_size' "
                               "samples); give a 0-d mean with batch_size=..., or the per-sample losses "
                               "(reduction='none')", UserWarning, stacklevel=3)
-                loss = loss.reshape(())
+            loss = loss.reshape(())
             if batch_size is None and rows is not None:
-                batch, source = rows, "the outputs' rows"
+                batch, source = rows, "as many as the outputs' rows"
             else:
                 batch, source = batch_size or 1, "argument 'batch_size'"
-                if batch_size is None and self.uses_batch_size:
+                if batch_size is None and self.uses_batch_size and not shape_one:  # one warning is enough
                     warnings.warn(f"{type(self).__name__}.inner_step: a scalar loss without 'batch_size' is taken "
                                   "as one sample's loss; pass batch_size=<samples in the batch> (the length of "
                                   "the inputs, not of the (inputs, targets) pair), or the per-sample losses "
                                   "(reduction='none')", UserWarning, stacklevel=3)
         if rows is not None and rows != batch:
-            raise ValueError(f"inner_step: argument 'outputs' has {rows} rows, but {source} say the batch holds "
-                             f"{batch} samples")
+            raise ValueError(f"inner_step: argument 'outputs' has {rows} rows, but the batch holds {batch} samples "
+                             f"({source})")
         return loss, batch
 
     #: whether observe() uses per-sample gradient rows when inner_step gets a 1-D loss
