@@ -215,3 +215,35 @@ def test_kfac_refuses_an_infinite_capture_before_touching_any_block():
             kfac.update(finite_g, batch_size=4)
         assert info.value.quantity.startswith("captures")
         assert_same(before, kfac.state_dict())
+
+
+@pytest.mark.parametrize("representation", ["dense", "compact"])
+@pytest.mark.parametrize("pipelined", [False, True], ids=["direct", "pipelined"])
+def test_a_curvature_beyond_float64_refuses_its_solve_and_changes_nothing(representation, pipelined):
+    """Rows of size 1e150 make F ~ 1e300 of rank one: F + 1e-3 I is positive
+    definite in exact arithmetic, not in float64. The solve refuses (also
+    through a Pipeline, whose stream stays usable), the state is kept, and
+    after a reset the curvature works again."""
+    from nhgd_ext.curvature import DenseEFIM
+    from nhgd_ext.pipeline import Pipeline
+
+    curvature = DenseEFIM(3, representation=representation, dtype=torch.float64)
+    target = Pipeline(curvature, producer="cpu", consumer="cpu") if pipelined else curvature
+    try:
+        g = torch.full((3,), 1e150, dtype=torch.float64)
+        (target.push if pipelined else target.update)(g)
+        (target.push if pipelined else target.update)(g * (1 + 1e-7))
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(NonFiniteError, match="not positive definite in floating point") as info:
+            target.solve(torch.ones(3, dtype=torch.float64))
+        assert info.value.quantity == "the curvature"
+        assert_same(before, target.state_dict())
+        target.reset()
+        (target.push if pipelined else target.update)(torch.ones(3, dtype=torch.float64))
+        w = target.solve(torch.ones(3, dtype=torch.float64))
+        expected = torch.linalg.solve(torch.ones(3, 3, dtype=torch.float64) + 1e-3 * torch.eye(3, dtype=torch.float64),
+                                      torch.ones(3, dtype=torch.float64))
+        assert torch.allclose(w, expected, rtol=1e-10)
+    finally:
+        if pipelined:
+            target.close()

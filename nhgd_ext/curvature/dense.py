@@ -288,6 +288,7 @@ class DenseEFIM:
                 return self._core.solve(v)
             b = v.to(device=self.device, dtype=torch.float64)
             w = self._dense_solve(b.unsqueeze(1) if b.dim() == 1 else b)
+            self._learn_steps_per_solve()  # only a solve that succeeded counts
         except (torch.linalg.LinAlgError, _NoConvergence) as err:
             # every factorization and rebuild writes its result only once it succeeded
             raise NonFiniteError(f"DenseEFIM.solve: F + damping I is not positive definite in floating point "
@@ -313,7 +314,6 @@ class DenseEFIM:
         once more should PCG not converge (the float32 state drifted)."""
         core = self._core
         went_to_fisher = core.last_rows >= core.gram_rows  # how the last step went in
-        self._learn_steps_per_solve()
         if core.mu < self.refresh_below * self.damping and went_to_fisher:
             # The steps are too large for the in-place updates: they only
             # reach F, and a Cholesky factor serves the solve (the update

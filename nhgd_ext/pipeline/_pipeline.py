@@ -27,6 +27,7 @@ import torch
 
 from .. import _build
 from .._devices import checked_device
+from .._finite import NonFiniteError
 from . import _python_engine
 from ._messages import CALL, PipelineClosed, PipelineError, apply_update, check_gradient, check_solve_argument
 
@@ -71,6 +72,13 @@ def _make_engine(kind: str, side: _ConsumerSide, slots: int, producer: torch.dev
     raise ValueError(f"Pipeline: argument 'engine' must be 'auto', 'compiled' or 'python', got {kind!r}")
 
 
+class _Refused:
+    """A request's NonFiniteError, carried to the producer as its result."""
+
+    def __init__(self, error: NonFiniteError):
+        self.error = error
+
+
 class _ConsumerSide:
     """What the consumer thread runs, apart from the Pipeline object: the
     engine holds this, not the Pipeline, so no reference cycle keeps a dropped
@@ -99,7 +107,12 @@ class _ConsumerSide:
                 if self.remote is not None:
                     self.results[meta[1]] = self.remote.request(what, argument)
                 else:
-                    self.results[meta[1]] = self._run_local(what, argument)
+                    try:
+                        self.results[meta[1]] = self._run_local(what, argument)
+                    except NonFiniteError as refused:
+                        # the curvature refused and changed nothing: the caller gets the
+                        # refusal, and the stream goes on
+                        self.results[meta[1]] = _Refused(refused)
             elif self.remote is not None:
                 self.remote.send_update(tensors, meta, more_queued=self.published - self.handled > 1)
             else:
@@ -368,6 +381,8 @@ class Pipeline:
             finally:
                 self._side.calls.pop(call_id, None)
             result = self._side.results.pop(call_id)
+        if isinstance(result, _Refused):
+            raise result.error
         if isinstance(result, torch.Tensor) and result.is_cuda:
             # Made on the consumer's stream, used on the producer's from now on.
             result.record_stream(torch.cuda.current_stream(result.device))
