@@ -38,7 +38,6 @@ import torch.multiprocessing as mp
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline, serve
 
-
 WARM_UP = 1100  # samples fed before timing: no refresh in the next 3 * WARM_UP updates
 
 

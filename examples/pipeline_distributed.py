@@ -40,7 +40,7 @@ def producer(device):
     theta = torch.zeros(D, dtype=torch.float64, device=device, requires_grad=True)
     g = torch.Generator().manual_seed(1)
     with Pipeline(None, transport="distributed", consumer_rank=1, producer=device) as pipe:
-        for t in range(STEPS):
+        for _ in range(STEPS):
             idx = torch.randint(0, N, (BATCH,), generator=g).to(device)
             loss = 0.5 * ((X[idx] @ theta - y[idx]) ** 2).mean()
             (grad,) = torch.autograd.grad(loss, theta)

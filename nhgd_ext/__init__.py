@@ -1,8 +1,8 @@
 """nhgd_ext: bilevel optimization by Natural Hypergradient Descent, as a PyTorch extension."""
 
+from . import ops
 from ._build import backend, compiled_with_cuda
 from ._finite import NonFiniteError
-from . import ops
 
 __version__ = "0.1.0"
 __all__ = ["NonFiniteError", "backend", "compiled_with_cuda", "free_cores", "ops", "run", "__version__"]

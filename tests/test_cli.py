@@ -377,9 +377,9 @@ def test_plots_give_every_method_its_own_style_draw_the_references_and_name_the_
 
 def _broken_idx_folder(folder: Path, how: str) -> None:
     import numpy as np
+    from test_problems_data import write_idx, write_mnist_folder
 
     from nhgd_ext.problems import data
-    from test_problems_data import write_idx, write_mnist_folder
 
     write_mnist_folder(folder, gz=how == "damaged gzip")
     if how == "damaged gzip":

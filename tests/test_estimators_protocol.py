@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_estimators_implicit import WellSpecifiedRegression, cosine
 
 import nhgd_ext.estimators as E
-from test_estimators_implicit import WellSpecifiedRegression, cosine
 
 ALL = [E.NHGD, E.ConjugateGradient, E.Neumann, E.StocBiO, E.AmIGO, E.TTSA, E.SOBA, E.SingleLoopAID, E.SingleLoopITD,
        E.Broyden]

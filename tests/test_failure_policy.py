@@ -110,7 +110,7 @@ def drive(name: str, inject: bool) -> list[torch.Tensor]:
     est = ESTIMATORS[name](prob.params, [prob.v], prob.model)
     found = []
     try:
-        for outer_step in range(2):
+        for _ in range(2):
             for t in range(3):
                 rows = slice(4 * t, 4 * t + 4)
                 check(prob, est, lambda: est.inner_step(prob.losses(rows) * NAN), "the inner loss")

@@ -70,9 +70,10 @@ def _kfac_nhgd(rank: int) -> None:
     output gradients with the push; the hypergradients equal the synchronous
     estimator's bitwise. Also: a tensor the wire cannot carry is refused at
     the push, and the stream goes on."""
+    from test_pipeline_nhgd import run_mlp
+
     from nhgd_ext.curvature import KFAC
     from nhgd_ext.estimators import NHGD
-    from test_pipeline_nhgd import run_mlp
 
     def kfac(model, params):
         return KFAC(model, params=params, beta=0.9, damping=1e-2)
@@ -125,7 +126,7 @@ def _consumer_error(rank: int) -> None:
                 for _ in range(50):  # the consumer keeps draining: these never block
                     pipe.push(torch.ones(4, dtype=torch.float64))
                 pipe.flush()
-                pipe.num_updates  # the request carries the error back as well
+                _ = pipe.num_updates  # the request carries the error back as well
         except PipelineError as err:
             assert "NaN" in str(err), err
         else:

@@ -82,9 +82,10 @@ def test_gpu_consumer_error_reaches_the_producer():
 
 def test_kfac_nhgd_on_one_gpu_equals_synchronous():
     """K-FAC's captures travel on the cuda-streams route with the gradient."""
+    from test_pipeline_nhgd import run_mlp
+
     from nhgd_ext.curvature import KFAC
     from nhgd_ext.estimators import NHGD
-    from test_pipeline_nhgd import run_mlp
 
     kfac = lambda model, i: KFAC(model, params=i, beta=0.9, damping=1e-2)  # noqa: E731
     sync = run_mlp(lambda m, i, o: NHGD(i, o, curvature=kfac(m, i), beta=0.9), "cuda:0")

@@ -11,7 +11,6 @@ from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.estimators import NHGD
 from nhgd_ext.pipeline import Pipeline
 
-
 pytestmark = pytest.mark.usefixtures("one_thread_each")
 
 

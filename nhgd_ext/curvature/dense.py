@@ -60,10 +60,10 @@ import math
 import torch
 
 from .. import _build, ops
+from .._finite import NonFiniteError, first_nonfinite
 from ._compact import CompactCore
 from ._dense_reference import DenseEFIMCore as _ReferenceCore
 from ._dense_reference import checked_rows, cholesky_solve
-from .._finite import NonFiniteError, first_nonfinite
 
 _DENSE_STATE_KEYS = ("inverse", "pending", "fisher")
 _DENSE_COUNTER_KEYS = ("num_updates", "num_samples", "num_refreshes", "mu")

@@ -29,7 +29,14 @@ from .. import _build
 from .._devices import checked_device
 from .._finite import NonFiniteError
 from . import _python_engine
-from ._messages import CALL, PipelineClosed, PipelineError, apply_update, check_gradient, check_solve_argument
+from ._messages import (
+    CALL,
+    PipelineClosed,
+    PipelineError,
+    apply_update,
+    check_gradient,
+    check_solve_argument,
+)
 
 _open_pipelines: weakref.WeakSet = weakref.WeakSet()
 

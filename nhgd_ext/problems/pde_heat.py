@@ -27,9 +27,20 @@ import math
 from collections.abc import Callable
 
 import torch
+
 from .base import Settings, check_count
-from .pinn import (CollocationBatch, CollocationSet, ResidualProblem, check_layers,
-                   curvature_step_options, derivative, pretrain, seeds_from, sobol, tanh_mlp)
+from .pinn import (
+    CollocationBatch,
+    CollocationSet,
+    ResidualProblem,
+    check_layers,
+    curvature_step_options,
+    derivative,
+    pretrain,
+    seeds_from,
+    sobol,
+    tanh_mlp,
+)
 
 _T_END = 2.0  # the time interval is [0, 2]
 

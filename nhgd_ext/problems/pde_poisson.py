@@ -23,8 +23,16 @@ import math
 import torch
 
 from .base import Settings, check_count
-from .pinn import (CollocationBatch, CollocationSet, ResidualProblem, check_layers,
-                   curvature_step_options, derivative, pretrain, tanh_mlp)
+from .pinn import (
+    CollocationBatch,
+    CollocationSet,
+    ResidualProblem,
+    check_layers,
+    curvature_step_options,
+    derivative,
+    pretrain,
+    tanh_mlp,
+)
 
 
 def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
