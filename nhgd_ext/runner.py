@@ -95,7 +95,7 @@ def check_method(problem: BilevelProblem | type[BilevelProblem], method: str,
     merged = _merged_options(problem, method, options)
     if merged.get("curvature") == "kfac" and problem.model is None:
         raise ValueError(f"method {method!r} needs a problem whose inner parameters belong to a model "
-                         f"with nn.Linear layers; {problem.name!r} has none")
+                         f"with nn.Linear or nn.Conv2d layers; {problem.name!r} has none")
     if merged.get("fisher") == "sampled" and _has_no_outputs(problem):
         raise ValueError(f"method {method!r} draws targets from the model's outputs, and problem "
                          f"{problem.name!r} does not give them (BilevelProblem.inner_loss_and_outputs)")

@@ -1,5 +1,5 @@
 """The layer hooks of :class:`~nhgd_ext.curvature.KFAC`: what one
-``nn.Linear`` saw in the last forward/backward pass.
+``nn.Linear`` or ``nn.Conv2d`` saw in the last forward/backward pass.
 
 The hooks reference only their :class:`LinearRecorder`, never the KFAC that
 owns it, so a KFAC nobody holds is collected, and its finalizer
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch import nn
@@ -39,10 +40,10 @@ class LinearRecorder:
     ``bias_column=False``) and the per-sample output gradients of one
     ``nn.Linear``."""
 
-    def __init__(self, module: nn.Linear, *, bias_column: bool = True):
+    def __init__(self, module: nn.Module, *, bias_column: bool = True):
         # The module is not kept: the hooks get it as an argument, and a
         # reference here would put the model in a cycle with its own hooks.
-        self.in_features, self.out_features = module.in_features, module.out_features
+        self.out_features, self.in_features = weight_matrix_shape(module)
         self.has_bias = module.bias is not None
         self.bias_column = self.has_bias and bias_column
         self.acts: torch.Tensor | None = None
@@ -88,6 +89,68 @@ class LinearRecorder:
             handle.remove()
         self._tensor_handles = []
         self.acts = self.grads = None
+
+
+def conv_geometry(module: nn.Conv2d) -> dict | None:
+    """``F.unfold``'s arguments for ``module``'s patches, or ``None`` where
+    its input patches are not what it multiplies its weight with (groups,
+    a padding mode other than zeros, an uneven ``padding="same"``)."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": the total padding split evenly, or not supported
+            totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(t % 2 for t in totals):
+                return None
+            padding = tuple(t // 2 for t in totals)
+    return {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": padding,
+            "stride": module.stride}
+
+
+class ConvRecorder(LinearRecorder):
+    """Records an ``nn.Conv2d`` as K-FAC for convolutions sees it (Grosse &
+    Martens, 2016): every output position of every sample is a row, the
+    input row being the patch the kernel covers there (``F.unfold``, a one
+    for the bias) and the output row the per-sample gradient at that
+    position. With T positions per sample, the patches are scaled by
+    sqrt(T) so that S = E_n[sum_t a a^T] (the sum over positions of the
+    factor's definition) while G = E_{n,t}[delta delta^T] stays a mean; the
+    output gradients of a loss that is a mean over the batch are scaled back
+    by the batch size."""
+
+    def __init__(self, module: nn.Conv2d):
+        self.geometry = conv_geometry(module)
+        if self.geometry is None:
+            raise ValueError(f"KFAC: {module} has no Kronecker factors here (groups != 1, a padding mode "
+                             "other than zeros, or an uneven padding='same')")
+        super().__init__(module)
+
+    def _output_grad(self, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.closed or not self.recording or _is_batched_grad(grad):
+            return
+        batch = grad.shape[0]
+        patches = torch.nn.functional.unfold(inputs, **self.geometry)  # n x (C kh kw) x T
+        positions = patches.shape[2]
+        a = patches.transpose(1, 2).reshape(-1, self.in_features)
+        if self.bias_column:
+            a = torch.nn.functional.pad(a, (0, 1), value=1.0)
+        delta = grad.detach().flatten(2).transpose(1, 2).reshape(-1, self.out_features)
+        self.acts = a * math.sqrt(positions)
+        self.grads = delta * batch  # per-sample output gradients of a mean loss
+
+
+def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of the layer's weight as the matrix K-FAC factors:
+    out x in for ``nn.Linear``, out_channels x (in_channels kh kw) for ``nn.Conv2d``."""
+    weight = module.weight
+    return weight.shape[0], weight[0].numel()
+
+
+def recorder_for(module: nn.Module) -> LinearRecorder:
+    return ConvRecorder(module) if isinstance(module, nn.Conv2d) else LinearRecorder(module)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """KFAC: a block-diagonal inverse Fisher with Kronecker-factored blocks for
-``nn.Linear`` layers and a diagonal block for every other
-parameter.
+``nn.Linear`` and ``nn.Conv2d`` layers and a diagonal block for every other
+parameter (the layers that get one are named in a warning).
 
 For a linear layer with inputs a (n x (d_in + 1), a column of ones for the
 bias) and per-sample output gradients delta (n x d_out), the Fisher block of
@@ -15,6 +15,14 @@ and ``solve`` applies, per layer and with exactly the damping asked for,
 
 to the weight-shaped piece V of the vector; every other parameter gets
 (diag + lambda)^-1, diag the EMA of its squared per-sample gradient entries.
+
+A convolution (Grosse & Martens, 2016) is the same with one row per output
+position of every sample: a is the input patch the kernel covers there
+(``F.unfold``), delta the output gradient there, the weight the
+out_channels x (in_channels kh kw) matrix. With T positions per sample its
+S is the per-sample *sum* over positions, E_n[sum_t a a^T], and G the mean
+over samples and positions: the recorder scales the patches by sqrt(T).
+Supported: any stride, padding (zeros), dilation, groups = 1, bias or not.
 
 An update only accumulates the factors (one GEMM each, n d^2, about a
 quarter of what an in-place Woodbury update of the inverse costs, and that
@@ -35,6 +43,7 @@ block, or when the KFAC is collected.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -43,7 +52,7 @@ from torch import nn
 
 from .. import ops
 from .._finite import NonFiniteError, first_nonfinite
-from ._hooks import LinearRecorder, paused, release
+from ._hooks import conv_geometry, paused, recorder_for, release, weight_matrix_shape
 
 # Factor precision, measured: 10^4 updates of 32 rows into a 64 -> 32 layer,
 # float32 state, damping 1e-3 (damped factors conditioned ~2500), against the
@@ -67,11 +76,11 @@ _FLOAT32_PRODUCT_ABOVE = 1 << 22
 class _Block:
     """The state of one tracked layer: its factors and their damped inverses."""
 
-    def __init__(self, module: nn.Linear, dtype, device, root_damping: float):
+    def __init__(self, module: nn.Module, dtype, device, root_damping: float):
         self.module = module
         self.has_bias = module.bias is not None
-        self.d_in = module.in_features + (1 if self.has_bias else 0)
-        self.d_out = module.out_features
+        self.d_out, self.weight_columns = weight_matrix_shape(module)
+        self.d_in = self.weight_columns + (1 if self.has_bias else 0)
         zeros = lambda d, dt: torch.zeros(d, d, dtype=dt, device=device)  # noqa: E731
         self.S, self.G = zeros(self.d_in, torch.float64), zeros(self.d_out, torch.float64)
         self.S_inv, self.G_inv = zeros(self.d_in, dtype), zeros(self.d_out, dtype)
@@ -85,6 +94,23 @@ class _Block:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"S": self.S, "G": self.G, "S_inv": self.S_inv, "G_inv": self.G_inv}
+
+
+def _factored(module: nn.Module) -> bool:
+    """Whether K-FAC keeps Kronecker factors for ``module``."""
+    return isinstance(module, nn.Linear) or conv_geometry(module) is not None
+
+
+def _warn_of_diagonal_layers(model: nn.Module, params: list[torch.Tensor]) -> None:
+    """One warning naming the layers whose own parameters (among ``params``)
+    get diagonal blocks, not Kronecker factors, if there are any."""
+    given = {id(p) for p in params}
+    plain = [f"{name or '(the model itself)'} ({type(m).__name__})" for name, m in model.named_modules()
+             if not _factored(m) and any(id(p) in given for p in m.parameters(recurse=False))]
+    if plain:
+        warnings.warn(f"KFAC: these layers get diagonal blocks, not Kronecker factors: {', '.join(plain)} "
+                      "(factors are kept for nn.Linear and for nn.Conv2d with groups=1 and zero padding)",
+                      UserWarning, stacklevel=3)
 
 
 class KFAC:
@@ -109,15 +135,21 @@ class KFAC:
     def __init__(self, modules, *, params: Iterable[torch.Tensor] | None = None, beta: float = 0.95,
                  damping: float = 1e-3, dtype=None, device=None):
         if isinstance(modules, nn.Module):
-            linears = [m for m in modules.modules() if isinstance(m, nn.Linear)]
+            linears = [m for m in modules.modules() if _factored(m)]
             default_params = list(modules.parameters())
         else:
             linears = list(modules)
-            if not all(isinstance(m, nn.Linear) for m in linears):
-                raise ValueError("KFAC: argument 'modules' must be an nn.Module or a list of nn.Linear")
+            if not all(isinstance(m, (nn.Linear, nn.Conv2d)) for m in linears):
+                raise ValueError("KFAC: argument 'modules' must be an nn.Module or a list of nn.Linear and "
+                                 "nn.Conv2d layers")
+            unfit = [m for m in linears if not _factored(m)]
+            if unfit:
+                raise ValueError(f"KFAC: argument 'modules' holds {unfit[0]}, whose input patches are not what "
+                                 "it multiplies its weight with (groups != 1, a padding mode other than zeros, "
+                                 "or an uneven padding='same'); pass the model to give it a diagonal block")
             default_params = [p for m in linears for p in m.parameters()]
         if not linears:
-            raise ValueError("KFAC: argument 'modules' holds no nn.Linear layer")
+            raise ValueError("KFAC: argument 'modules' holds no nn.Linear or nn.Conv2d layer")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
             raise ValueError(f"KFAC: argument 'beta' must lie in (0, 1), got {beta!r}")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
@@ -129,6 +161,8 @@ class KFAC:
             raise ValueError(f"KFAC: argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
         self.dtype, self.device = dtype, first.device if device is None else torch.device(device)
         self.params = list(params) if params is not None else default_params
+        if isinstance(modules, nn.Module):
+            _warn_of_diagonal_layers(modules, self.params)
         self.beta, self.damping = float(beta), float(damping)
         self._root = math.sqrt(self.damping)
 
@@ -161,7 +195,7 @@ class KFAC:
         self.num_refreshes = 0
         self._stale = False  # whether the factors moved since the inverses were built
 
-        self._recorders = [LinearRecorder(m) for m in linears]
+        self._recorders = [recorder_for(m) for m in linears]
         self._finalizer = weakref.finalize(self, release, self._recorders)
 
     #: whether estimators should hand per-sample gradient rows to update_many
@@ -346,7 +380,7 @@ class KFAC:
         V = []
         for i in order:
             layer, slot = self.layers[i], self._slots[i]
-            parts = [pieces[slot["weight"]].view(layer.d_out, layer.module.in_features)]
+            parts = [pieces[slot["weight"]].view(layer.d_out, layer.weight_columns)]
             if layer.has_bias:
                 parts.append(pieces[slot["bias"]].view(-1, 1))
             V.append(torch.cat(parts, dim=1))
@@ -354,7 +388,7 @@ class KFAC:
             solved = ops.kfac_apply([inverses[i][0] for i in order], [inverses[i][1] for i in order], V)
             for i, X in zip(order, solved):
                 layer, slot = self.layers[i], self._slots[i]
-                out[slot["weight"]] = X[:, :layer.module.in_features].reshape(-1)
+                out[slot["weight"]] = X[:, :layer.weight_columns].reshape(-1)
                 if layer.has_bias:
                     out[slot["bias"]] = X[:, -1]
         return torch.cat(out)

@@ -49,7 +49,7 @@ class NHGD(HypergradientEstimator):
     """Args:
         curvature: ``"dense"`` (a :class:`DenseEFIM` over all inner
             parameters), ``"kfac"`` (a :class:`KFAC` over the ``nn.Linear``
-            layers of ``modules``), or an object with ``update(g, batch_size)``,
+            and ``nn.Conv2d`` layers of ``modules``), or an object with ``update(g, batch_size)``,
             ``update_many(rows, per_step=True)`` (one step's per-sample rows:
             an EMA decays once), ``solve(v)`` and ``reset()``.
         beta: EMA factor of the curvature per inner step (``None``: the
@@ -137,7 +137,7 @@ class NHGD(HypergradientEstimator):
         elif isinstance(curvature, str) and curvature == "kfac":
             if modules is None:
                 raise ValueError("NHGD: curvature='kfac' needs argument 'modules' (the model whose "
-                                 "nn.Linear layers it tracks)")
+                                 "nn.Linear and nn.Conv2d layers it tracks)")
             curvature = KFAC(modules, params=self.inner_params, beta=0.95 if beta is None else beta,
                              damping=damping, dtype=dtype, device=where)
             self._owned.append(curvature)
