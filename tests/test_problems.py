@@ -17,6 +17,7 @@ from nhgd_ext.problems import (
     SyntheticQuadratic,
 )
 from nhgd_ext.problems.cleaning import _ranking_auc
+from nhgd_ext.runner import METHODS, run
 from nhgd_testing import DEVICES
 
 F64 = torch.float64
@@ -394,3 +395,20 @@ def test_exact_hypergradient_descent_lowers_the_cleaning_outer_loss():
         phi.append(solve_inner())
     assert all(b < a for a, b in zip(phi, phi[1:])), phi
     assert phi[-1] < phi[0] - 0.1, phi
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "nhgd-sampled"])
+@pytest.mark.parametrize("make", [tiny_cleaning, tiny_distillation], ids=["cleaning", "distillation"])
+def test_every_method_of_the_runner_runs_on_the_image_problems(make, method):
+    """Every estimator, ITD included (v and theta meet in distillation's
+    forward pass: the logits are distilled images @ theta), two outer steps
+    to the end with finite figures. nhgd-sampled needs the outputs only
+    distillation gives (refused on cleaning: tests/test_cli.py)."""
+    history = run(make(), method, outer_steps=2, inner_steps=2)
+    assert history.status == "finished" and len(history.rows) == 3
+    assert all(np.isfinite(value) for value in history.final.values())
+
+
+def test_nhgd_sampled_runs_on_distillation():
+    history = run(tiny_distillation(), "nhgd-sampled", outer_steps=2, inner_steps=2)
+    assert history.status == "finished" and len(history.rows) == 3

@@ -6,7 +6,9 @@ zero while single-loop ITD settles at a floor that grows with kappa."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from nhgd_ext.estimators import SingleLoopAID, SingleLoopITD
 
@@ -94,3 +96,77 @@ def test_itd_equals_differentiating_through_the_step_on_a_model_nonlinear_in_the
     (h,) = est.hypergradient(outer(v, p1, p2), lambda: inner(v, p1, p2))
     assert torch.allclose(h, expected, rtol=1e-12, atol=1e-14)
     assert torch.equal(p1, theta1[0]) and torch.equal(p2, theta1[1])  # theta put back after the call
+
+
+def _tanh_net(g):
+    X, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
+    theta = [torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    v0 = torch.tensor(-1.0, dtype=torch.float64)
+
+    def inner(v, w1, w2):
+        return ((torch.tanh(X @ w1) @ w2 - y) ** 2).mean() + 0.5 * v.exp() * w1.square().sum()
+
+    def outer(v, w1, w2):
+        return (torch.tanh(X[:5] @ w1) @ w2).square().sum() + 0.1 * v**2
+
+    return v0, theta, inner, outer
+
+
+def _input_scaling(g):
+    """Logistic regression on inputs scaled by exp(v) per feature: v and
+    theta meet inside the logits, (x * exp(v)) @ theta."""
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    theta = [torch.randn(4, 3, generator=g, dtype=torch.float64)]
+    v0 = 0.3 * torch.randn(4, generator=g, dtype=torch.float64)
+
+    def inner(v, w):
+        return F.cross_entropy((X[:20] * v.exp()) @ w, y[:20]) + 1e-2 * w.square().sum()
+
+    def outer(v, w):
+        return F.cross_entropy((X[20:] * v.exp()) @ w, y[20:])
+
+    return v0, theta, inner, outer
+
+
+def _distillation(g):
+    """Data distillation: the distilled images v are the inner problem's
+    inputs, logits v @ theta; the outer loss is on real data."""
+    Xr, yr = torch.randn(25, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (25,), generator=g)
+    labels = torch.arange(3).repeat_interleave(2)
+    theta = [torch.randn(6, 3, generator=g, dtype=torch.float64)]
+    v0 = torch.randn(6, 6, generator=g, dtype=torch.float64)
+
+    def inner(v, w):
+        return F.cross_entropy(v @ w, labels) + 1e-3 * w.square().sum()
+
+    def outer(v, w):
+        return F.cross_entropy(Xr @ w, yr)
+
+    return v0, theta, inner, outer
+
+
+@pytest.mark.parametrize("model", [_tanh_net, _input_scaling, _distillation], ids=lambda m: m.__name__[1:])
+def test_itd_equals_the_unrolled_last_step_wherever_v_and_theta_meet_in_the_forward_pass(model):
+    """The unrolled float64 reference: theta1(v) = theta0 - alpha grad l(v,
+    theta0) built out of place, then d/dv f(v, theta1(v)); ITD inside an
+    ordinary loop (SGD steps in place, several of them, the user's code
+    unchanged) must give it for the last step."""
+    g = torch.Generator().manual_seed(4)
+    v0, theta0, inner, outer = model(g)
+    alpha = 0.05
+    v = v0.clone().requires_grad_()
+    params = [t.clone().requires_grad_() for t in theta0]
+    est = SingleLoopITD(params, [v])
+    opt = torch.optim.SGD(params, lr=alpha)
+    for _ in range(3):
+        est.inner_step(inner(v, *params), opt)
+    before_last = [p.detach().clone() for p in params]
+    est.inner_step(inner(v, *params), opt)
+    (h,) = est.hypergradient(outer(v, *params), lambda: inner(v, *params))
+
+    v_ref = v0.clone().requires_grad_()
+    start = [t.clone().requires_grad_() for t in before_last]
+    step = torch.autograd.grad(inner(v_ref, *start), start, create_graph=True)
+    (expected,) = torch.autograd.grad(outer(v_ref, *[t - alpha * s for t, s in zip(start, step)]), v_ref)
+    torch.testing.assert_close(h, expected, rtol=1e-12, atol=1e-14)
