@@ -86,3 +86,22 @@ def test_hypergradient_accuracy():
 def test_bench_mnist_cleaning():
     printed = _run("bench/bench_mnist_cleaning.py", "--rounds", "1", "--outer-steps", "1", "--methods", "nhgd-mean,cg10")
     assert "nhgd-mean" in printed and "x cg10" in printed, printed
+
+
+def test_bench_kfac_cnn():
+    printed = _run("bench/bench_kfac_cnn.py", "--threads", "1", "--repeats", "2", "--batches", "4,8")
+    assert "| 4 |" in printed and "| 8 |" in printed, printed
+
+
+def test_bench_busy_machine_lists_its_configurations():
+    """The whole script runs the command line dozens of times (minutes);
+    here only its configurations, which the table in RESULTS.md names."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("busy_machine", ROOT / "bench" / "busy_machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = [name for name, *_ in module.configurations(2)]
+    assert names[0] == "quiet, --threads 2" and "busy, --threads auto" in names and len(names) == 8
+    result = module.run_once("1", False, {}, 1)
+    assert set(result) == {"nhgd", "cg10", "command", "threads used"} and result["threads used"] == 1

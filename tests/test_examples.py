@@ -87,3 +87,20 @@ def test_distributed_pipeline_example_runs_both_ranks():
     assert "rank 1: served 3000 messages" in done.stdout, done.stdout
     error = float(re.search(r"\|w - H\^-1 v\| / \|H\^-1 v\| = ([0-9.]+)", done.stdout).group(1))
     assert error < 0.5
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cnn_reweighting_with_kfac_beats_no_reweighting_on_noisy_mnist(seed):
+    """Tiny settings: 300 noisy digits, 8 outer steps. NHGD-K-FAC must end
+    with a lower validation loss than the same loop without reweighting, and
+    have moved weight onto the clean digits (CG10 runs to finite figures; at
+    these settings it overshoots on seed 1, validation loss 2.81 against
+    2.01 without reweighting)."""
+    example = load_example("cnn_noisy_labels")
+    result = example.main(["--outer-steps", "8", "--inner-steps", "5", "--n-train", "300", "--n-val", "100",
+                           "--n-test", "200", "--batch-size", "64", "--inner-lr", "0.3", "--seed", str(seed)])
+    for method in example.METHODS:
+        assert_finite({k: v for k, v in result[method].items() if k != "history"})
+        assert len(result[method]["history"]) == 9
+    assert result["nhgd-kfac"]["val_loss"] < result["none"]["val_loss"] - 0.1
+    assert result["nhgd-kfac"]["clean_fraction_of_weight"] > result["clean_fraction_of_samples"] + 0.02
