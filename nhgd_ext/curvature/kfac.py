@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._data_parallel import DataParallel
 from .._finite import NonFiniteError, first_nonfinite
 from ._hooks import conv_geometry, paused, recorder_for, release, weight_matrix_shape
 
@@ -127,13 +128,15 @@ class KFAC:
         damping: lambda > 0; each factor gets sqrt(lambda), each diagonal block lambda.
         dtype, device: of the state (float32 or float64); by default those of
             the first tracked layer's weight.
+        process_group: of a data-parallel training (equal per-rank batches):
+            each update folds in the captures of every rank.
 
     Use it as a context manager, or call :meth:`close`, to take its hooks off
     the model; they also come off when the object is collected.
     """
 
     def __init__(self, modules, *, params: Iterable[torch.Tensor] | None = None, beta: float = 0.95,
-                 damping: float = 1e-3, dtype=None, device=None):
+                 damping: float = 1e-3, dtype=None, device=None, process_group=None):
         if isinstance(modules, nn.Module):
             linears = [m for m in modules.modules() if _factored(m)]
             default_params = list(modules.parameters())
@@ -161,6 +164,8 @@ class KFAC:
             raise ValueError(f"KFAC: argument 'dtype' must be torch.float32 or torch.float64, got {dtype}")
         self.dtype, self.device = dtype, first.device if device is None else torch.device(device)
         self.params = list(params) if params is not None else default_params
+        # a data-parallel training: every rank folds in the union of the ranks' captures
+        self._data_parallel = DataParallel.of(process_group)
         if isinstance(modules, nn.Module):
             _warn_of_diagonal_layers(modules, self.params)
         self.beta, self.damping = float(beta), float(damping)
@@ -295,6 +300,8 @@ class KFAC:
 
     def _apply(self, what: str, rows: torch.Tensor, rows_name: str, given: Sequence[torch.Tensor] | None) -> None:
         captures = self._peek_captures(what) if given is None else self._check_captures(what, given)
+        if self._data_parallel is not None:
+            captures = [self._data_parallel.rows(t) for t in captures]
         acts = [t.detach().to(device=self.device, dtype=self.dtype) for t in captures[0::2]]
         grads = [t.detach().to(device=self.device, dtype=self.dtype) for t in captures[1::2]]
         bad = first_nonfinite([rows, *acts, *grads])

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._data_parallel import DataParallel
 from .._finite import refuse_nonfinite
 
 Closure = Callable[[], torch.Tensor]
@@ -35,6 +36,20 @@ def _param_list(name: str, params) -> list[torch.Tensor]:
 
 
 _UNCHANGED = "the outer parameters' .grad and the estimator's state are unchanged"
+
+
+def _union_of(shared: DataParallel, observations: dict) -> dict:
+    """A step's observations as one process on the union of the ranks'
+    batches would make them: per-sample rows gathered, means averaged."""
+    out = dict(observations)
+    if out.get("rows") is not None:
+        out["rows"] = shared.rows(out["rows"])
+    for name in ("cross", "fisher_grad"):
+        if out.get(name) is not None:
+            out[name] = shared.mean([out[name]])[0]
+    if out.get("fisher_batch") is not None:
+        out["fisher_batch"] *= shared.world
+    return out
 
 
 def grads_or_zeros(output: torch.Tensor, params: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:
@@ -63,12 +78,19 @@ class HypergradientEstimator:
     they learn from the inner gradients. A NaN or infinity anywhere raises
     :class:`NonFiniteError` before any state changes, for every estimator."""
 
-    def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1):
+    def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1, process_group=None):
+        """``process_group``: the group of a data-parallel inner training
+        (e.g. the model's ``DistributedDataParallel``; ``"world"`` for the
+        default group): gradients, Hessian-vector and cross products and
+        outer gradients are averaged over its ranks and curvature rows
+        gathered, so that each rank holds the state and hypergradient of one
+        process on the union of their (equal-sized) batches."""
         self.inner_params = _param_list("inner_params", inner_params)
         self.outer_params = _param_list("outer_params", outer_params)
         if not inner_lr > 0:
             raise ValueError(f"argument 'inner_lr' must be > 0, got {inner_lr!r}")
         self.inner_lr = float(inner_lr)
+        self._data_parallel = DataParallel.of(process_group)
 
     # -------------------------------------------------------------- inner loop
 
@@ -100,10 +122,15 @@ class HypergradientEstimator:
         per_sample = loss.dim() == 1
         mean = loss.mean() if per_sample else loss
         grads = grads_or_zeros(mean, self.inner_params, retain_graph=self._differentiates_again(per_sample, outputs))
+        shared = self._data_parallel
+        if shared is not None:  # every rank steps on the union's mean gradient
+            grads, batch = shared.mean(grads), batch * shared.world
         refuse_nonfinite("inner_step", [mean.detach(), *grads],
                           ["the inner loss"] + [f"the gradient of inner parameter {i}" for i in range(len(grads))],
                           "theta, its .grad and the estimator's state are unchanged")
         extras = self._observations(loss, mean, outputs, grads)
+        if shared is not None:
+            extras = _union_of(shared, extras)
         self._step_size = optimizer.param_groups[0].get("lr", self.inner_lr) if optimizer is not None else self.inner_lr
         self.observe(grads, batch_size=batch, **extras)
         for p, g in zip(self.inner_params, grads):
@@ -238,7 +265,7 @@ class HypergradientEstimator:
 
     def outer_gradients(self, outer_loss: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(grad_v f as a list, grad_theta f flattened)."""
-        found = grads_or_zeros(outer_loss, self.outer_params + self.inner_params)
+        found = self._shared_mean(grads_or_zeros(outer_loss, self.outer_params + self.inner_params))
         k = len(self.outer_params)
         return [g.detach() for g in found[:k]], flat(found[k:]).detach()
 
@@ -249,11 +276,17 @@ class HypergradientEstimator:
 
     def hvp(self, g_theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """H w = d/dtheta <grad_theta l, w>."""
-        return flat(grads_or_zeros((g_theta * w).sum(), self.inner_params, retain_graph=True)).detach()
+        return flat(self._shared_mean(grads_or_zeros((g_theta * w).sum(), self.inner_params,
+                                                     retain_graph=True))).detach()
 
     def cross(self, g_theta: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
         """(d2_{v theta} l) w = d/dv <grad_theta l, w>, one tensor per outer parameter."""
-        return [g.detach() for g in grads_or_zeros((g_theta * w).sum(), self.outer_params, retain_graph=True)]
+        return [g.detach() for g in self._shared_mean(grads_or_zeros((g_theta * w).sum(), self.outer_params,
+                                                                      retain_graph=True))]
+
+    def _shared_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The mean over a data-parallel group's ranks (the tensors themselves without one)."""
+        return tensors if self._data_parallel is None else self._data_parallel.mean(tensors)
 
     def combine(self, f_v: list[torch.Tensor], cross: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(a - b for a, b in zip(f_v, cross))

@@ -20,8 +20,8 @@ class Broyden(KeepsSolution):
     _outer_step_attributes = ("_kept", "num_restarts")
 
     def __init__(self, inner_params, outer_params, *, memory: int = 20, iters: int = 40, alpha: float = 1.0,
-                 tol: float = 1e-10, warm_start: bool = False, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+                 tol: float = 1e-10, warm_start: bool = False, inner_lr: float = 0.1, process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         for name, value in (("memory", memory), ("iters", iters)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Broyden: argument '{name}' must be a positive integer, got {value!r}")

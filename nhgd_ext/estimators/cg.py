@@ -15,8 +15,8 @@ class ConjugateGradient(KeepsSolution):
     previous outer step's solution."""
 
     def __init__(self, inner_params, outer_params, *, iters: int = 10, tol: float = 0.0,
-                 warm_start: bool = False, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+                 warm_start: bool = False, inner_lr: float = 0.1, process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"ConjugateGradient: argument 'iters' must be a positive integer, got {iters!r}")
         self.iters, self.tol, self.warm_start = iters, float(tol), warm_start

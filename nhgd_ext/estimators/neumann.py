@@ -11,8 +11,9 @@ from .base import Closure, HypergradientEstimator
 class Neumann(HypergradientEstimator):
     """``iters`` = K Hessian-vector products on one batch; ``scale`` = phi."""
 
-    def __init__(self, inner_params, outer_params, *, iters: int = 10, scale: float = 0.1, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+    def __init__(self, inner_params, outer_params, *, iters: int = 10, scale: float = 0.1, inner_lr: float = 0.1,
+                 process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ValueError(f"Neumann: argument 'iters' must be an integer >= 0, got {iters!r}")
         if not scale > 0:

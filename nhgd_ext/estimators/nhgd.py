@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._data_parallel import group_of
 from .._finite import NonFiniteError
 from ..curvature import KFAC, DenseEFIM
 from ._layer_rows import LayerRows
@@ -77,6 +78,8 @@ class NHGD(HypergradientEstimator):
             a Pipeline this estimator owns. The hypergradients are those of
             the synchronous estimator.
         seed: of the target sampling (``None``: torch's global generator).
+        process_group: see :class:`HypergradientEstimator`; taken from
+            ``modules`` when it is a ``DistributedDataParallel`` model.
         per_sample: feed per-sample gradient rows when ``inner_step`` gets a
             1-D loss (rank D per step); ``False`` feeds the batch mean, scaled
             by sqrt(D) (one rank-one update, the paper's own form: cheaper
@@ -105,8 +108,15 @@ class NHGD(HypergradientEstimator):
                  damping: float = 1e-3, fisher: str = "empirical", likelihood: str = "categorical",
                  cross: str = "end", cross_batches: int = 1, warm_start: bool = True, modules=None,
                  seed: int | None = None, pipeline=None, per_sample: bool = True, refine: int = 0,
-                 representation: str = "auto", dtype: torch.dtype | None = None, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+                 representation: str = "auto", dtype: torch.dtype | None = None, inner_lr: float = 0.1,
+                 process_group=None):
+        if process_group is None:  # a DistributedDataParallel model says its group itself
+            process_group = group_of(modules)
+        if process_group is not None and pipeline not in (None, False):
+            raise ValueError("NHGD: argument 'pipeline' does not combine with data-parallel inner training "
+                             "(a process group, or a DistributedDataParallel model): each rank keeps its curvature "
+                             "itself")
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         _one_of("fisher", fisher, ("empirical", "sampled"))
         _one_of("likelihood", likelihood, ("categorical", "gaussian"))
         _one_of("cross", cross, ("end", "trajectory"))
@@ -139,7 +149,8 @@ class NHGD(HypergradientEstimator):
                 raise ValueError("NHGD: curvature='kfac' needs argument 'modules' (the model whose "
                                  "nn.Linear and nn.Conv2d layers it tracks)")
             curvature = KFAC(modules, params=self.inner_params, beta=0.95 if beta is None else beta,
-                             damping=damping, dtype=dtype, device=where)
+                             damping=damping, dtype=dtype, device=where,
+                             process_group=None if self._data_parallel is None else self._data_parallel.group)
             self._owned.append(curvature)
         elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
             raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "

@@ -16,8 +16,8 @@ class SingleLoopAID(KeepsSolution):
     v <- (I - eta H) v + eta grad_theta f, warm-started; then
     grad Phi ~ grad_v f - (d2_{v theta} l) v."""
 
-    def __init__(self, inner_params, outer_params, *, eta: float = 0.1, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+    def __init__(self, inner_params, outer_params, *, eta: float = 0.1, inner_lr: float = 0.1, process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         if not eta > 0:
             raise ValueError(f"SingleLoopAID: argument 'eta' must be > 0, got {eta!r}")
         self.eta = float(eta)
@@ -35,8 +35,8 @@ class SOBA(SingleLoopAID):
     system, z <- z - lr (H z - grad_theta f), but the hypergradient uses z
     before its step (all directions are taken at the same point)."""
 
-    def __init__(self, inner_params, outer_params, *, lr: float = 0.1, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, eta=lr, inner_lr=inner_lr)
+    def __init__(self, inner_params, outer_params, *, lr: float = 0.1, inner_lr: float = 0.1, process_group=None):
+        super().__init__(inner_params, outer_params, eta=lr, inner_lr=inner_lr, process_group=process_group)
 
     def _hypergradient(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
@@ -60,8 +60,8 @@ class SingleLoopITD(HypergradientEstimator):
 
     _outer_step_attributes = ("_theta0",)
 
-    def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+    def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1, process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         self._theta0: list[torch.Tensor] | None = None
 
     def observe(self, grads: Sequence[torch.Tensor], *, batch_size: int = 1, **observations) -> None:

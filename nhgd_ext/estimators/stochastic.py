@@ -28,8 +28,9 @@ def _check_positive(cls: str, name: str, value) -> float:
 
 
 class StocBiO(HypergradientEstimator):
-    def __init__(self, inner_params, outer_params, *, iters: int = 10, scale: float = 0.1, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+    def __init__(self, inner_params, outer_params, *, iters: int = 10, scale: float = 0.1, inner_lr: float = 0.1,
+                 process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         self.iters = _check_positive_int("StocBiO", "iters", iters, minimum=0)
         self.scale = _check_positive("StocBiO", "scale", scale)
 
@@ -43,8 +44,9 @@ class StocBiO(HypergradientEstimator):
 
 
 class AmIGO(KeepsSolution):
-    def __init__(self, inner_params, outer_params, *, iters: int = 5, lr: float = 0.1, inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+    def __init__(self, inner_params, outer_params, *, iters: int = 5, lr: float = 0.1, inner_lr: float = 0.1,
+                 process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         self.iters = _check_positive_int("AmIGO", "iters", iters)
         self.lr = _check_positive("AmIGO", "lr", lr)
 
@@ -59,8 +61,8 @@ class AmIGO(KeepsSolution):
 
 class TTSA(HypergradientEstimator):
     def __init__(self, inner_params, outer_params, *, iters: int = 10, scale: float = 0.1, seed: int = 0,
-                 inner_lr: float = 0.1):
-        super().__init__(inner_params, outer_params, inner_lr=inner_lr)
+                 inner_lr: float = 0.1, process_group=None):
+        super().__init__(inner_params, outer_params, inner_lr=inner_lr, process_group=process_group)
         self.iters = _check_positive_int("TTSA", "iters", iters)
         self.scale = _check_positive("TTSA", "scale", scale)
         self.seed = seed

@@ -1,0 +1,66 @@
+"""Data-parallel inner training: what the ranks of a process group combine so
+that every rank's estimator sees the step of the union of their batches.
+
+``DistributedDataParallel`` averages gradients in the hooks of
+``loss.backward()``; the estimators take theirs with ``torch.autograd.grad``,
+which those hooks never see, so they average themselves: the mean gradient,
+Hessian-vector and cross products, the outer gradients (means over the
+ranks), and the per-sample rows a curvature learns from (gathered: the
+union's rows, in rank order). With equal per-rank batches, every rank then
+holds the state and the hypergradient of one process stepping on the union.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class DataParallel:
+    """The ranks of ``group`` (a ``torch.distributed`` process group)."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self.dist, self.group = dist, group
+        self.world = dist.get_world_size(group)
+
+    @classmethod
+    def of(cls, process_group) -> DataParallel | None:
+        """``None`` for ``None``; ``"world"`` for the default group (which must
+        be initialized); else the group given."""
+        if process_group is None:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("argument 'process_group': torch.distributed is not initialized "
+                             "(call torch.distributed.init_process_group first)")
+        return cls(dist.group.WORLD if process_group == "world" else process_group)
+
+    def mean(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The mean over the ranks of each tensor (one all-reduce for all)."""
+        tensors = list(tensors)
+        if not tensors:
+            return tensors
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        self.dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()
+        return out
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows, stacked in rank order (equal row counts)."""
+        found = [torch.empty_like(rows) for _ in range(self.world)]
+        self.dist.all_gather(found, rows.detach().contiguous(), group=self.group)
+        return torch.cat(found)
+
+
+def group_of(model) -> object | None:
+    """The process group of a ``DistributedDataParallel`` model, else ``None``."""
+    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
+    return model.process_group if ddp is not None and isinstance(model, ddp) else None
