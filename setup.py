@@ -113,7 +113,7 @@ def extension_modules(toolchain) -> tuple[list, dict]:
             "cxx": toolchain.cxx_flags(with_cuda),
             "nvcc": toolchain.nvcc_flags(),
         },
-        extra_link_args=toolchain.ldflags(with_cuda),
+        extra_link_args=toolchain.ldflags(),
         py_limited_api=False,
     )
     return [ext], {"build_ext": _cached_build_ext(BuildExtension, with_cuda)}

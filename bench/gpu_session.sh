@@ -30,7 +30,7 @@ if [ -z "${NHGD_SKIP_BENCH:-}" ]; then
   "$PY" -m pytest bench/bench_ops.py --benchmark-only -q -p no:cacheprovider -k "${NHGD_BENCH_K:-cuda}" \
     --benchmark-columns=min,median,mean,rounds --benchmark-sort=name \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
-  # The pipeline on one GPU (the consumer on its own stream), issue 6's GPU figure.
+  # The pipeline on one GPU (the consumer on its own stream).
   "$PY" bench/bench_pipeline.py --device cuda --repeats 5 2>&1 | tee "$OUT/bench_pipeline.log"
   # The paper's cleaning and heat tables on the GPU, NHGD synchronous and pipelined (second stream).
   "$PY" bench/paper_tables.py cleaning --device cuda --seeds "${NHGD_TABLE_SEEDS:-1}" --out "$OUT/table_cleaning" \

@@ -44,9 +44,8 @@ void check_symmetric_matvec_args(const at::Tensor& A, const at::Tensor& v);
 void check_pending_args(const char* op, const at::Tensor& A, const at::Tensor& pending, const at::Tensor& g);
 
 // Numbers and shapes as text for error messages, converted here rather than
-// streamed into the message: on one machine (GCC 13.3 building against torch
-// 2.11) every check whose message streamed a number crashed the process while
-// messages made of text alone raised as they should. See bench/RESULTS.md.
+// streamed into the message: messages made of text alone raise reliably with
+// every compiler these sources meet (the case that needed it: bench/RESULTS.md).
 template <typename I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
 std::string text(I v) {
   return std::to_string(v);

@@ -19,7 +19,7 @@ import torch
 
 from . import _toolchain
 
-_state = {"kind": None, "with_cuda": False, "error": None, "module": None}
+_state = {"kind": None, "with_cuda": False, "module": None}
 
 
 def _jit_build() -> None:
@@ -42,7 +42,7 @@ def _jit_build() -> None:
         extra_include_paths=_toolchain.include_dirs(with_cuda),
         extra_cflags=_toolchain.cxx_flags(with_cuda),
         extra_cuda_cflags=_toolchain.nvcc_flags() if with_cuda else None,
-        extra_ldflags=_toolchain.ldflags(with_cuda),
+        extra_ldflags=_toolchain.ldflags(),
         with_cuda=with_cuda,
         is_python_module=True,  # the pipeline engine is a pybind11 class of the module
         verbose=os.environ.get("NHGD_VERBOSE_BUILD") == "1",
@@ -97,7 +97,6 @@ def _use_reference(reason: str) -> None:
     )
     _reference.register(define=True, dispatch_keys=("CPU", "CUDA"))
     _state["kind"] = "reference"
-    _state["error"] = reason
 
 
 def backend(device: str | torch.device | None = None) -> str:

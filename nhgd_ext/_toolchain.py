@@ -224,7 +224,7 @@ def nvidia_include_dirs() -> list[str]:
     return _nvidia_dirs("include")
 
 
-def ldflags(with_cuda: bool) -> list[str]:
+def ldflags() -> list[str]:
     """Extra linker arguments.
 
     ``-fopenmp`` records a need for ``libgomp.so.1``; the dynamic linker meets
@@ -359,7 +359,7 @@ def describe() -> dict:
         "source_root": str(source_root()),
         "cuda_home": cuda_home(),
         "nvidia_include_dirs": nvidia_include_dirs(),
-        "ldflags(cuda)": ldflags(True),
+        "ldflags": ldflags(),
     }
 
 

@@ -89,6 +89,16 @@ def _tensor(op: str, name: str, x) -> torch.Tensor:
     return x
 
 
+def _row_major(op: str, A: torch.Tensor) -> torch.Tensor:
+    """A symmetric state as the kernels take it: A itself, or for a column-major
+    A (what torch.linalg.inv returns) its transpose, which is the same matrix
+    in row-major memory; updated in place, it updates A. Anything else goes
+    to the kernel's own contiguity check."""
+    if A.is_contiguous() or A.dim() < 2 or A.shape[-1] != A.shape[-2] or not A.mT.is_contiguous():
+        return A
+    return A.mT
+
+
 def _tensors(op: str, name: str, xs) -> list[torch.Tensor]:
     if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
         raise ValueError(f"{op}: argument '{name}' must be a list or tuple of tensors, got {type(xs).__name__}")
@@ -126,7 +136,11 @@ def sherman_morrison_(
     A, g = _tensor(op, "A", A), _tensor(op, "g", g)
     as_tensors, (ca, cb) = _coeffs(op, a=a, b=b)
     fn = _ops.sherman_morrison_.tensor if as_tensors else _ops.sherman_morrison_.default
-    fn(A, g, ca, cb, _status_for(A, status), bool(lower_only))
+    state = _row_major(op, A)
+    if lower_only and state is not A:
+        raise ValueError(f"{op}: argument 'A' must be row-major (contiguous) for lower_only=True: in a "
+                         "column-major A the kernel's lower triangle is A's upper one")
+    fn(state, g, ca, cb, _status_for(A, status), bool(lower_only))
     return A
 
 
@@ -184,7 +198,7 @@ def woodbury_(A: torch.Tensor, H: torch.Tensor, a, *, status: torch.Tensor | Non
     A, H = _tensor(op, "A", A), _tensor(op, "H", H)
     as_tensors, (ca,) = _coeffs(op, a=a)
     fn = _ops.woodbury_.tensor if as_tensors else _ops.woodbury_.default
-    fn(A, H, ca, _status_for(A, status))
+    fn(_row_major(op, A), H, ca, _status_for(A, status))
     return A
 
 

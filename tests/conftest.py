@@ -39,6 +39,9 @@ def pytest_report_header(config):
         import nhgd_ext
 
         return (f"nhgd_ext backend: cpu={nhgd_ext.backend('cpu')} default={nhgd_ext.backend()} "
-                f"compiled_with_cuda={nhgd_ext.compiled_with_cuda()} cuda_visible={torch.cuda.is_available()}")
+                f"compiled_with_cuda={nhgd_ext.compiled_with_cuda()} cuda_visible={torch.cuda.is_available()}"
+                + ("" if torch.cuda.is_available() else
+                   "\nno GPU visible: the device='cuda' cases of the parametrized tests are not generated, "
+                   "and the GPU-only tests skip"))
     except Exception as err:  # noqa: BLE001 - a header must not break collection
         return f"nhgd_ext backend: import failed: {err!r}"

@@ -243,7 +243,11 @@ def test_per_sample_rows_from_the_layers_equal_autograds(fisher):
         def update(self, g, batch_size=1):
             raise AssertionError("rows expected")
 
-        solve = reset = None
+        def solve(self, v):
+            raise AssertionError("not called here")
+
+        def reset(self):
+            raise AssertionError("not called here")
 
     for modules in (model, None):
         est = NHGD(params, [v], curvature=Recorder(), modules=modules, fisher=fisher, seed=1)
@@ -275,7 +279,14 @@ def test_layer_rows_fall_back_where_the_loss_differentiates_through_the_inputs()
         def update_many(self, rows, per_step=True):
             fed.append(rows)
 
-        update = solve = reset = None
+        def update(self, g, batch_size=1):
+            raise AssertionError("rows expected")
+
+        def solve(self, v):
+            raise AssertionError("not called here")
+
+        def reset(self):
+            raise AssertionError("not called here")
 
     est = NHGD(params, [v], curvature=Recorder(), modules=model)
 
@@ -297,3 +308,27 @@ def test_layer_rows_fall_back_where_the_loss_differentiates_through_the_inputs()
 def _step_feed(est, losses, params):
     grads = grads_or_zeros(losses.mean(), params, retain_graph=True)
     return ([g.detach() for g in grads],), est._observations(losses, losses.mean(), None, grads)
+
+
+def test_the_curvature_protocol_is_what_nhgd_accepts():
+    """DenseEFIM, KFAC and a Pipeline are Curvatures; an object missing a
+    required method is refused by NHGD, naming what it needs."""
+    import torch.nn as nn
+
+    from nhgd_ext.curvature import KFAC, Curvature, DenseEFIM
+    from nhgd_ext.pipeline import Pipeline
+
+    dense = DenseEFIM(3)
+    with KFAC(nn.Linear(2, 2)) as kfac, Pipeline(DenseEFIM(3), producer="cpu", consumer="cpu") as pipe:
+        assert all(isinstance(c, Curvature) for c in (dense, kfac, pipe))
+
+    class Partial:
+        def update(self, g, batch_size=1): ...
+        def solve(self, v): ...
+        def reset(self): ...
+
+    assert not isinstance(Partial(), Curvature)
+    theta, v = torch.zeros(3, requires_grad=True), torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match=r"a Curvature \(an object with update, update_many, solve, reset\)"):
+        NHGD([theta], [v], curvature=Partial())
+    NHGD([theta], [v], curvature=dense).close()

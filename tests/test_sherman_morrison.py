@@ -416,3 +416,32 @@ def test_backend_is_reported():
     assert nhgd_ext.backend("cpu") in {"cpp", "reference"}
     if CUDA:
         assert nhgd_ext.backend("cuda") in {"cuda", "reference"}
+
+
+@pytest.mark.parametrize("op", ["sherman_morrison_", "woodbury_"])
+def test_a_column_major_symmetric_state_is_accepted_and_updated_in_place(op):
+    """torch.linalg.inv hands back a column-major inverse: the same symmetric
+    matrix as its row-major copy, so the update must accept it, write into
+    it, and give the row-major result."""
+    M = random_spd(7, seed=5)
+    column_major = torch.linalg.inv(M)
+    assert not column_major.is_contiguous() and column_major.mT.is_contiguous()
+    row_major = column_major.contiguous()
+    g = rand_rows(7, seed=6)
+    H = rand_rows(3, 7, seed=7)
+    for A in (column_major, row_major):
+        returned = ops.sherman_morrison_(A, g, 0.9, 0.1) if op == "sherman_morrison_" else ops.woodbury_(A, H, 0.8)
+        assert returned is A
+    # torch.linalg.inv's inverse is symmetric up to rounding: the two read different triangles
+    torch.testing.assert_close(column_major, row_major, rtol=1e-13, atol=1e-15)
+    expected = direct_inverse(0.9 * M + 0.1 * torch.outer(g, g)) if op == "sherman_morrison_" \
+        else direct_inverse(0.8 * M + H.T @ H)
+    assert rel_err(column_major, expected) < 1e-10
+
+
+def test_lower_only_refuses_a_column_major_state():
+    A = torch.linalg.inv(random_spd(5, seed=8))
+    before = A.clone()
+    with pytest.raises(ValueError, match="argument 'A' must be row-major"):
+        ops.sherman_morrison_(A, rand_rows(5, seed=9), 0.9, 0.1, lower_only=True)
+    assert torch.equal(A, before)

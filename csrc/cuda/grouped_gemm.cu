@@ -193,7 +193,6 @@ __global__ void __launch_bounds__(kThreads)
       if (check_b) ok = ok && dev::valid_b(dev::coeff(b_dev, b_host));
       if (pr.info != nullptr) ok = ok && pr.info[bi] == 0;
       if (pr.bad != nullptr) ok = ok && pr.bad[bi] == 0;
-      if (pr.okm != nullptr) ok = ok && pr.okm[bi] != 0;
       sh.ok = ok ? 1 : 0;
       sh.inv_a = static_cast<T>(1.0 / a);
       if (!ok && k == 0 && status != nullptr) atomicAdd(status, 1);  // once per matrix

@@ -82,7 +82,7 @@ struct GemmProblem {
 // (matrix b at A + b*a_bs), Y: d x k with Y(i, l) = Y[b*y_bs + i*y_rs + l*y_cs].
 // A matrix is left untouched and counted in *status unless all of these hold:
 // a finite and > 0, (with check_b) b finite and >= 0, info[b] == 0,
-// bad[b] == 0, okm[b] != 0 (each pointer may be null: no condition).
+// bad[b] == 0 (each pointer may be null: no condition).
 struct DowndateProblem {
   void* A = nullptr;
   int64_t a_bs = 0;
@@ -91,7 +91,6 @@ struct DowndateProblem {
   int32_t d = 0, k = 0, batch = 1;
   const int* info = nullptr;
   const int* bad = nullptr;
-  const unsigned char* okm = nullptr;
 };
 
 // A batch of matrices to check for non-finite entries: element (b, i, j) at

@@ -232,9 +232,10 @@ void woodbury_tensor_cuda(const at::Tensor& A, const at::Tensor& H, const at::Te
                           const std::optional<at::Tensor>& status) {
   const char* op = "woodbury_";
   check_woodbury_args(A, H, status);
-  woodbury_launch(A, H, tensor_coeff(op, "a", a, A, true), status);
+  const Coeff ca = tensor_coeff(op, "a", a, A, true);
   require_cuda(op, "A", A);
-  const c10::cuda::CUDAGuard guard(A.device());
+  const c10::cuda::CUDAGuard guard(A.device());  // A's device and stream, before any work
+  woodbury_launch(A, H, ca, status);
 }
 
 // --------------------------------------------------------------------------- kfac_update_

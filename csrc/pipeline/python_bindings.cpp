@@ -97,7 +97,7 @@ class PyEngine {
     // With a free slot and a plain copy nothing here can wait for the
     // consumer, so the GIL is kept: releasing it would hand it to the consumer
     // just woken by this message and leave the producer queued behind that
-    // update's Python (measured: about half of a push's cost on two cores).
+    // update's Python (bench/bench_pipeline.py shows the difference).
     if (engine().try_push(tensors, meta)) return;
     py::gil_scoped_release nogil;
     engine().push(tensors, meta);

@@ -2,5 +2,6 @@
 
 from .dense import DenseEFIM
 from .kfac import KFAC
+from .protocol import Curvature
 
-__all__ = ["DenseEFIM", "KFAC"]
+__all__ = ["Curvature", "DenseEFIM", "KFAC"]

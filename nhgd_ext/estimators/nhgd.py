@@ -39,11 +39,9 @@ from torch import nn
 from .. import ops
 from .._data_parallel import group_of
 from .._finite import NonFiniteError
-from ..curvature import KFAC, DenseEFIM
+from ..curvature import KFAC, Curvature, DenseEFIM, protocol
 from ._layer_rows import LayerRows
 from .base import Closure, HypergradientEstimator, flat, grads_or_zeros, unflat
-
-_CURVATURE_METHODS = ("update", "update_many", "solve", "reset")
 
 
 class NHGD(HypergradientEstimator):
@@ -152,9 +150,9 @@ class NHGD(HypergradientEstimator):
                              damping=damping, dtype=dtype, device=where,
                              process_group=None if self._data_parallel is None else self._data_parallel.group)
             self._owned.append(curvature)
-        elif isinstance(curvature, str) or not all(hasattr(curvature, m) for m in _CURVATURE_METHODS):
-            raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or an object with "
-                             f"{', '.join(_CURVATURE_METHODS)}; got {curvature!r}")
+        elif isinstance(curvature, str) or not isinstance(curvature, Curvature):
+            raise ValueError(f"NHGD: argument 'curvature' must be 'dense', 'kfac' or a Curvature (an object with "
+                             f"{', '.join(protocol.REQUIRED)}); got {curvature!r}")
         if pipeline_options is not None:
             from ..pipeline import Pipeline
 
