@@ -5,6 +5,7 @@
 // Mutating ops return nothing at the schema level: torch.compile's
 // auto-functionalization handles `Tensor(a!)` arguments of custom ops but not
 // returns that alias them. The Python wrappers return the updated tensors.
+#include "schemas.h"
 #include "checks.h"
 #include "cpu/kernels.h"
 
@@ -127,24 +128,9 @@ void symmetrize_cpu(const at::Tensor& A) {
 TORCH_LIBRARY(nhgd_ext, m) {
   // Fake kernels for torch.compile are registered in Python, by this module.
   m.set_python_module("nhgd_ext.ops");
-  m.def("sherman_morrison_(Tensor(a!) A, Tensor g, float a, float b, Tensor(b!)? status=None, "
-        "bool lower_only=False) -> ()");
-  m.def("sherman_morrison_.tensor(Tensor(a!) A, Tensor g, Tensor a, Tensor b, Tensor(b!)? status=None, "
-        "bool lower_only=False) -> ()");
-  m.def("woodbury_(Tensor(a!) A, Tensor H, float a, Tensor(b!)? status=None) -> ()");
-  m.def("woodbury_.tensor(Tensor(a!) A, Tensor H, Tensor a, Tensor(b!)? status=None) -> ()");
-  m.def("kfac_update_(Tensor(a!)[] S_inv, Tensor(b!)[] G_inv, Tensor[] acts, Tensor[] grads, "
-        "float a, float b, Tensor(c!)? status=None) -> ()");
-  m.def("kfac_update_.tensor(Tensor(a!)[] S_inv, Tensor(b!)[] G_inv, Tensor[] acts, Tensor[] grads, "
-        "Tensor a, Tensor b, Tensor(c!)? status=None) -> ()");
-  m.def("kfac_apply(Tensor[] S_inv, Tensor[] G_inv, Tensor[] V) -> Tensor[]");
-  m.def("running_average_(Tensor(a!) L, Tensor B, float a, float b, Tensor(b!)? status=None) -> ()");
-  m.def("running_average_.tensor(Tensor(a!) L, Tensor B, Tensor a, Tensor b, Tensor(b!)? status=None) -> ()");
-  m.def("symmetrize_(Tensor(a!) A) -> ()");
-  m.def("sherman_morrison_deferred_(Tensor(a!) A, Tensor(b!) pending, Tensor g, float a, float b, "
-        "Tensor(c!)? status=None) -> ()");
-  m.def("apply_pending_(Tensor(a!) A, Tensor(b!) pending) -> ()");
-  m.def("symmetric_matvec(Tensor A, Tensor v) -> Tensor");
+#define NHGD_DEFINE(schema) m.def(schema);
+  NHGD_SCHEMAS(NHGD_DEFINE)
+#undef NHGD_DEFINE
   m.def("_compiled_with_cuda() -> bool", &nhgd::compiled_with_cuda);
 }
 

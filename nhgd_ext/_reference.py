@@ -7,29 +7,21 @@ value errors are raised on every device (these kernels may sync the host).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
-SCHEMAS = {
-    "sherman_morrison_": "(Tensor(a!) A, Tensor g, float a, float b, Tensor(b!)? status=None, "
-    "bool lower_only=False) -> ()",
-    "sherman_morrison_.tensor": "(Tensor(a!) A, Tensor g, Tensor a, Tensor b, Tensor(b!)? status=None, "
-    "bool lower_only=False) -> ()",
-    "woodbury_": "(Tensor(a!) A, Tensor H, float a, Tensor(b!)? status=None) -> ()",
-    "woodbury_.tensor": "(Tensor(a!) A, Tensor H, Tensor a, Tensor(b!)? status=None) -> ()",
-    "kfac_update_": "(Tensor(a!)[] S_inv, Tensor(b!)[] G_inv, Tensor[] acts, Tensor[] grads, "
-    "float a, float b, Tensor(c!)? status=None) -> ()",
-    "kfac_update_.tensor": "(Tensor(a!)[] S_inv, Tensor(b!)[] G_inv, Tensor[] acts, Tensor[] grads, "
-    "Tensor a, Tensor b, Tensor(c!)? status=None) -> ()",
-    "kfac_apply": "(Tensor[] S_inv, Tensor[] G_inv, Tensor[] V) -> Tensor[]",
-    "running_average_": "(Tensor(a!) L, Tensor B, float a, float b, Tensor(b!)? status=None) -> ()",
-    "running_average_.tensor": "(Tensor(a!) L, Tensor B, Tensor a, Tensor b, Tensor(b!)? status=None) -> ()",
-    "symmetrize_": "(Tensor(a!) A) -> ()",
-    "sherman_morrison_deferred_": "(Tensor(a!) A, Tensor(b!) pending, Tensor g, float a, float b, "
-    "Tensor(c!)? status=None) -> ()",
-    "apply_pending_": "(Tensor(a!) A, Tensor(b!) pending) -> ()",
-    "symmetric_matvec": "(Tensor A, Tensor v) -> Tensor",
-}
+
+def _schemas() -> dict[str, str]:
+    """name -> schema, read from csrc/schemas.h (the list ops.cpp defines)."""
+    from ._toolchain import source_root
+
+    text = (source_root() / "schemas.h").read_text()
+    found = re.findall(r'NHGD_SCHEMA\("([^"]+)"\)', text)
+    return {s[:s.index("(")]: s[s.index("("):] for s in found}
+
+
+SCHEMAS = _schemas()
 
 
 def _fail(op: str, name: str, why: str):

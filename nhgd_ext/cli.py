@@ -82,6 +82,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m nhgd_ext`` (its ``demo`` and ``run`` commands)."""
     parser = _Parser(prog="python -m nhgd_ext", description="Bilevel optimization by natural hypergradient descent.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser("demo", help="hyper-data cleaning of 5,000 real MNIST digits at 50%% label noise: "
@@ -156,6 +157,7 @@ def _set_threads(value: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line on ``argv`` (default: sys.argv); returns the exit status."""
     threads_before = torch.get_num_threads()  # put back for a caller in the same process
     try:
         args = build_parser().parse_args(argv)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _build  # noqa: F401  (loads the operators)
+from ._reference import SCHEMAS
 
 __all__ = [
     "sherman_morrison_",
@@ -273,10 +274,10 @@ def _fake(qualname: str, shapes=lambda *args: None):
     torch.library.register_fake(qualname)(fake)
 
 
-for _name in ("sherman_morrison_", "woodbury_", "kfac_update_", "running_average_"):
-    for _overload in ("", ".tensor"):
-        _fake(f"nhgd_ext::{_name}{_overload}")
-for _name in ("symmetrize_", "sherman_morrison_deferred_", "apply_pending_"):
-    _fake(f"nhgd_ext::{_name}")
-_fake("nhgd_ext::symmetric_matvec", lambda A, v: v.new_empty(A.shape[0]))
-_fake("nhgd_ext::kfac_apply", lambda S_inv, G_inv, V: [torch.empty_like(v) for v in V])
+# every operator of csrc/schemas.h: the in-place ones return nothing, these two a result
+_RESULT_SHAPES = {
+    "symmetric_matvec": lambda A, v: v.new_empty(A.shape[0]),
+    "kfac_apply": lambda S_inv, G_inv, V: [torch.empty_like(v) for v in V],
+}
+for _qualified in SCHEMAS:
+    _fake(f"nhgd_ext::{_qualified}", _RESULT_SHAPES.get(_qualified, lambda *args, **kwargs: None))

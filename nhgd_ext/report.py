@@ -17,6 +17,7 @@ PREFERRED_METRICS = ("test_accuracy", "test_error", "exact_objective", "grad_nor
 
 
 def headline_metric(histories: list[History]) -> str | None:
+    """The first of PREFERRED_METRICS the histories' last rows hold, or None."""
     keys = set().union(*(row.keys() for h in histories for row in h.rows[-1:]))
     return next((m for m in PREFERRED_METRICS if m in keys), None)
 

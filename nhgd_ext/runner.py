@@ -152,13 +152,16 @@ class History:
 
     @property
     def status(self) -> str:
+        """finished, diverged or interrupted (see the class)."""
         return "diverged" if self.diverged else "interrupted" if self.interrupted else "finished"
 
     @property
     def final(self) -> dict[str, float]:
+        """The last row (the last finished step), or {}."""
         return self.rows[-1] if self.rows else {}
 
     def mean_over_last(self, key: str, steps: int) -> float:
+        """The mean of ``key`` over the last ``steps`` outer steps (step 0 excluded); NaN where none has it."""
         values = [row[key] for row in self.rows[1:][-steps:] if key in row]
         return sum(values) / len(values) if values else float("nan")
 

@@ -224,3 +224,23 @@ def test_a_meta_argument_beside_real_tensors_is_refused_not_silently_skipped(cas
         assert all(torch.equal(a, b) for a, b in zip(after, before))
     else:
         assert torch.equal(after, before)
+
+
+def test_the_registered_schemas_are_the_ones_in_csrc_schemas_h():
+    """One list of schemas (csrc/schemas.h): what the compiled module
+    registered, what the reference backend defines and what the fake kernels
+    cover are that list, and the namespace holds nothing else."""
+    import nhgd_ext
+    from nhgd_ext._reference import SCHEMAS
+
+    assert nhgd_ext.backend("cpu") == "cpp"
+    registered = {}
+    for op in dir(torch.ops.nhgd_ext):
+        packet = getattr(torch.ops.nhgd_ext, op)
+        if not hasattr(packet, "overloads") or op.startswith("_"):
+            continue
+        for overload in packet.overloads():
+            name = op if overload == "default" else f"{op}.{overload}"
+            registered[name] = str(getattr(packet, overload)._schema).removeprefix("nhgd_ext::" + name)
+    assert registered == SCHEMAS
+    assert len(SCHEMAS) == 13

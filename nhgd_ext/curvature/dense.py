@@ -177,6 +177,7 @@ class DenseEFIM:
                 "window_tol": self.window_tol}
 
     def state_dict(self) -> dict:
+        """F (or the compact form's rows and weights), the inverse as kept, the counters and the settings; a round trip resumes bit for bit."""
         core = self._core
         if isinstance(core, CompactCore):
             state = core.state()
@@ -191,6 +192,7 @@ class DenseEFIM:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` saved with the same settings; a refused state changes nothing."""
         if state.get("config") != self._config():
             raise ValueError(f"DenseEFIM.load_state_dict: the state was saved with {state.get('config')}, "
                              f"this object has {self._config()}")

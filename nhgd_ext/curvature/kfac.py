@@ -217,6 +217,7 @@ class KFAC:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` took the hooks off (updates are then refused)."""
         return not self._finalizer.alive
 
     def __enter__(self) -> KFAC:

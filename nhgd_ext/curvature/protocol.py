@@ -24,13 +24,17 @@ class Curvature(Protocol):
     :class:`nhgd_ext.NonFiniteError`.
     """
 
-    def update(self, g: torch.Tensor, batch_size: int = 1) -> None: ...
+    def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
+        """Folds in one flat batch-mean gradient of ``batch_size`` samples."""
 
-    def update_many(self, rows: torch.Tensor, *, per_step: bool = False) -> None: ...
+    def update_many(self, rows: torch.Tensor, *, per_step: bool = False) -> None:
+        """Folds in one step's per-sample gradient rows (n x d)."""
 
-    def solve(self, v: torch.Tensor) -> torch.Tensor: ...
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """(F + damping I)^-1 v for the flat vector v."""
 
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        """Back to no updates."""
 
 
 #: the methods a curvature must have (Curvature's, for messages)

@@ -289,17 +289,21 @@ class HypergradientEstimator:
         return tensors if self._data_parallel is None else self._data_parallel.mean(tensors)
 
     def combine(self, f_v: list[torch.Tensor], cross: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(grad_v f - cross) per outer parameter: the hypergradient from its two parts."""
         return tuple(a - b for a, b in zip(f_v, cross))
 
     # ----------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
+        """What the estimator carries between calls (tensors cloned), for checkpoints."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores what :meth:`state_dict` returned."""
         pass
 
     def reset(self) -> None:
+        """Forgets everything learnt: back to the state just after construction."""
         pass
 
 

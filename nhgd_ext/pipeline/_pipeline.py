@@ -323,9 +323,11 @@ class Pipeline:
     # --------------------------------------------- the curvature's interface
 
     def update(self, g: torch.Tensor, batch_size: int = 1, *, cross: torch.Tensor | None = None) -> None:
+        """Queues ``curvature.update(g, batch_size)`` (with a cross term for ``on_cross``); returns at once."""
         self.push(g, batch_size=batch_size, cross=cross)
 
     def update_many(self, rows: torch.Tensor, *, per_step: bool | None = None, cross: torch.Tensor | None = None) -> None:
+        """Queues ``curvature.update_many(rows, ...)``; returns at once."""
         if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
             got = list(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
             raise ValueError(f"Pipeline.update_many: argument 'rows' must have shape [k, d], got {got}")
@@ -344,12 +346,15 @@ class Pipeline:
         return getattr(self.curvature, "takes_rows", True)
 
     def reset(self) -> None:
+        """``curvature.reset()`` on the consumer, after everything queued."""
         self._request("reset", None)
 
     def state_dict(self) -> dict:
+        """``curvature.state_dict()`` on the consumer, after everything queued."""
         return self._request("state_dict", None)
 
     def load_state_dict(self, state: dict) -> None:
+        """``curvature.load_state_dict(state)`` on the consumer, after everything queued."""
         self._request("load_state_dict", state)
 
     @property
@@ -364,14 +369,17 @@ class Pipeline:
 
     @property
     def inverse(self) -> torch.Tensor:
+        """A copy of ``curvature.inverse``, read on the consumer after everything queued."""
         return self._request("inverse", None)
 
     @property
     def dtype(self):
+        """The curvature's dtype."""
         return getattr(self.curvature, "dtype", None) if self.curvature is not None else self._remote.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the curvature lives (the consumer)."""
         return self.consumer
 
     # ------------------------------------------------------------ internals

@@ -171,6 +171,7 @@ class HyperDataCleaning(BilevelProblem):
         return self.v.clamp(0.0, 1.0)
 
     def regularizer(self) -> torch.Tensor:
+        """The inner problem's L2 term on the model's weight and bias."""
         return self.weight_decay * (self.model.weight.square().sum() + self.model.bias.square().sum())
 
     def sample_batch(self) -> torch.Tensor | None:
