@@ -27,6 +27,16 @@ struct Coeff {
 Coeff host_coeff(const char* op, const char* name, double value, bool strictly_positive);
 Coeff tensor_coeff(const char* op, const char* name, const at::Tensor& t,
                    const at::Tensor& state, bool strictly_positive);
+// Either of the two, by the overload's coefficient type: each operator's float
+// and tensor overloads are one template over it (ops.cpp, cuda/ops_cuda.cpp).
+inline Coeff coeff(const char* op, const char* name, double value, const at::Tensor& /*state*/,
+                   bool strictly_positive) {
+  return host_coeff(op, name, value, strictly_positive);
+}
+inline Coeff coeff(const char* op, const char* name, const at::Tensor& t, const at::Tensor& state,
+                   bool strictly_positive) {
+  return tensor_coeff(op, name, t, state, strictly_positive);
+}
 
 void check_sherman_morrison_args(const at::Tensor& A, const at::Tensor& g,
                                  const std::optional<at::Tensor>& status);

@@ -1,4 +1,4 @@
-// The operator schemas (the one place they are written) and the CPU
+// The operators' definitions (their schemas come from schemas.h) and the CPU
 // registrations. The CUDA registrations live in cuda/ops_cuda.cpp and run the
 // same argument checks from checks.h.
 //
@@ -30,49 +30,31 @@ double host_value(const Coeff& c) {
   return c.host;
 }
 
-void sherman_morrison_cpu(const at::Tensor& A, const at::Tensor& g, double a, double b,
+// Each template serves an operator's float overload (C = double) and its
+// tensor overload (C = const at::Tensor&: a 0-d coefficient on the CPU).
+template <typename C>
+void sherman_morrison_cpu(const at::Tensor& A, const at::Tensor& g, C a, C b,
                           const std::optional<at::Tensor>& status, bool lower_only) {
+  const char* op = "sherman_morrison_";
   check_sherman_morrison_args(A, g, status);
-  const double ca = host_coeff("sherman_morrison_", "a", a, true).host;
-  const double cb = host_coeff("sherman_morrison_", "b", b, false).host;
+  const double ca = host_value(coeff(op, "a", a, A, true));
+  const double cb = host_value(coeff(op, "b", b, A, false));
   cpu::sherman_morrison_(A, g, ca, cb, lower_only);
 }
 
-void sherman_morrison_tensor_cpu(const at::Tensor& A, const at::Tensor& g, const at::Tensor& a,
-                                 const at::Tensor& b, const std::optional<at::Tensor>& status,
-                                 bool lower_only) {
-  check_sherman_morrison_args(A, g, status);
-  const double ca = host_value(tensor_coeff("sherman_morrison_", "a", a, A, true));
-  const double cb = host_value(tensor_coeff("sherman_morrison_", "b", b, A, false));
-  cpu::sherman_morrison_(A, g, ca, cb, lower_only);
-}
-
-void woodbury_cpu(const at::Tensor& A, const at::Tensor& H, double a,
-                  const std::optional<at::Tensor>& status) {
+template <typename C>
+void woodbury_cpu(const at::Tensor& A, const at::Tensor& H, C a, const std::optional<at::Tensor>& status) {
   check_woodbury_args(A, H, status);
-  cpu::woodbury_(A, H, host_coeff("woodbury_", "a", a, true).host);
+  cpu::woodbury_(A, H, host_value(coeff("woodbury_", "a", a, A, true)));
 }
 
-void woodbury_tensor_cpu(const at::Tensor& A, const at::Tensor& H, const at::Tensor& a,
-                         const std::optional<at::Tensor>& status) {
-  check_woodbury_args(A, H, status);
-  cpu::woodbury_(A, H, host_value(tensor_coeff("woodbury_", "a", a, A, true)));
-}
-
-void kfac_update_cpu(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
-                     at::TensorList grads, double a, double b, const std::optional<at::Tensor>& status) {
+template <typename C>
+void kfac_update_cpu(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts, at::TensorList grads,
+                     C a, C b, const std::optional<at::Tensor>& status) {
+  const char* op = "kfac_update_";
   check_kfac_update_args(S_inv, G_inv, acts, grads, status);
-  const double ca = host_coeff("kfac_update_", "a", a, true).host;
-  const double cb = host_coeff("kfac_update_", "b", b, false).host;
-  cpu::kfac_update_(S_inv, G_inv, acts, grads, ca, cb);
-}
-
-void kfac_update_tensor_cpu(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
-                            at::TensorList grads, const at::Tensor& a, const at::Tensor& b,
-                            const std::optional<at::Tensor>& status) {
-  check_kfac_update_args(S_inv, G_inv, acts, grads, status);
-  const double ca = host_value(tensor_coeff("kfac_update_", "a", a, S_inv[0], true));
-  const double cb = host_value(tensor_coeff("kfac_update_", "b", b, S_inv[0], false));
+  const double ca = host_value(coeff(op, "a", a, S_inv[0], true));
+  const double cb = host_value(coeff(op, "b", b, S_inv[0], false));
   cpu::kfac_update_(S_inv, G_inv, acts, grads, ca, cb);
 }
 
@@ -81,19 +63,13 @@ std::vector<at::Tensor> kfac_apply_cpu(at::TensorList S_inv, at::TensorList G_in
   return cpu::kfac_apply(S_inv, G_inv, V);
 }
 
-void running_average_cpu(const at::Tensor& L, const at::Tensor& B, double a, double b,
+template <typename C>
+void running_average_cpu(const at::Tensor& L, const at::Tensor& B, C a, C b,
                          const std::optional<at::Tensor>& status) {
+  const char* op = "running_average_";
   check_running_average_args(L, B, status);
-  const double ca = host_coeff("running_average_", "a", a, true).host;
-  const double cb = host_coeff("running_average_", "b", b, false).host;
-  cpu::running_average_(L, B, ca, cb);
-}
-
-void running_average_tensor_cpu(const at::Tensor& L, const at::Tensor& B, const at::Tensor& a,
-                                const at::Tensor& b, const std::optional<at::Tensor>& status) {
-  check_running_average_args(L, B, status);
-  const double ca = host_value(tensor_coeff("running_average_", "a", a, L, true));
-  const double cb = host_value(tensor_coeff("running_average_", "b", b, L, false));
+  const double ca = host_value(coeff(op, "a", a, L, true));
+  const double cb = host_value(coeff(op, "b", b, L, false));
   cpu::running_average_(L, B, ca, cb);
 }
 
@@ -135,15 +111,15 @@ TORCH_LIBRARY(nhgd_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(nhgd_ext, CPU, m) {
-  m.impl("sherman_morrison_", &nhgd::sherman_morrison_cpu);
-  m.impl("sherman_morrison_.tensor", &nhgd::sherman_morrison_tensor_cpu);
-  m.impl("woodbury_", &nhgd::woodbury_cpu);
-  m.impl("woodbury_.tensor", &nhgd::woodbury_tensor_cpu);
-  m.impl("kfac_update_", &nhgd::kfac_update_cpu);
-  m.impl("kfac_update_.tensor", &nhgd::kfac_update_tensor_cpu);
+  m.impl("sherman_morrison_", &nhgd::sherman_morrison_cpu<double>);
+  m.impl("sherman_morrison_.tensor", &nhgd::sherman_morrison_cpu<const at::Tensor&>);
+  m.impl("woodbury_", &nhgd::woodbury_cpu<double>);
+  m.impl("woodbury_.tensor", &nhgd::woodbury_cpu<const at::Tensor&>);
+  m.impl("kfac_update_", &nhgd::kfac_update_cpu<double>);
+  m.impl("kfac_update_.tensor", &nhgd::kfac_update_cpu<const at::Tensor&>);
   m.impl("kfac_apply", &nhgd::kfac_apply_cpu);
-  m.impl("running_average_", &nhgd::running_average_cpu);
-  m.impl("running_average_.tensor", &nhgd::running_average_tensor_cpu);
+  m.impl("running_average_", &nhgd::running_average_cpu<double>);
+  m.impl("running_average_.tensor", &nhgd::running_average_cpu<const at::Tensor&>);
   m.impl("symmetrize_", &nhgd::symmetrize_cpu);
   m.impl("sherman_morrison_deferred_", &nhgd::sherman_morrison_deferred_cpu);
   m.impl("apply_pending_", &nhgd::apply_pending_cpu);

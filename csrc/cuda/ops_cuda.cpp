@@ -85,25 +85,18 @@ void sherman_morrison_launch(const at::Tensor& A, const at::Tensor& g, const Coe
   C10_CUDA_CHECK(err);
 }
 
+// One template per operator serves its float overload (C = double) and its
+// tensor overload (C = const at::Tensor&: a 0-d coefficient on the CPU or on
+// the state's device). The coefficients are checked first (naming a
+// coefficient on another device), then A's device is selected, then the work.
 // `lower_only` may be ignored: updating both triangles also satisfies it.
-void sherman_morrison_cuda(const at::Tensor& A, const at::Tensor& g, double a, double b,
+template <typename C>
+void sherman_morrison_cuda(const at::Tensor& A, const at::Tensor& g, C a, C b,
                            const std::optional<at::Tensor>& status, bool /*lower_only*/) {
   const char* op = "sherman_morrison_";
   check_sherman_morrison_args(A, g, status);
-  require_cuda(op, "A", A);
-  const c10::cuda::CUDAGuard guard(A.device());
-  const Coeff ca = host_coeff(op, "a", a, true);
-  const Coeff cb = host_coeff(op, "b", b, false);
-  sherman_morrison_launch(A, g, ca, cb, status);
-}
-
-void sherman_morrison_tensor_cuda(const at::Tensor& A, const at::Tensor& g, const at::Tensor& a,
-                                  const at::Tensor& b, const std::optional<at::Tensor>& status,
-                                  bool /*lower_only*/) {
-  const char* op = "sherman_morrison_";
-  check_sherman_morrison_args(A, g, status);
-  const Coeff ca = tensor_coeff(op, "a", a, A, true);
-  const Coeff cb = tensor_coeff(op, "b", b, A, false);
+  const Coeff ca = coeff(op, "a", a, A, true);
+  const Coeff cb = coeff(op, "b", b, A, false);
   require_cuda(op, "A", A);
   const c10::cuda::CUDAGuard guard(A.device());
   sherman_morrison_launch(A, g, ca, cb, status);
@@ -220,19 +213,11 @@ void woodbury_launch(const at::Tensor& A, const at::Tensor& H, const Coeff& ca,
                                         /*check_b=*/false, status_ptr(status), stream));
 }
 
-void woodbury_cuda(const at::Tensor& A, const at::Tensor& H, double a, const std::optional<at::Tensor>& status) {
+template <typename C>
+void woodbury_cuda(const at::Tensor& A, const at::Tensor& H, C a, const std::optional<at::Tensor>& status) {
   const char* op = "woodbury_";
   check_woodbury_args(A, H, status);
-  require_cuda(op, "A", A);
-  const c10::cuda::CUDAGuard guard(A.device());
-  woodbury_launch(A, H, host_coeff(op, "a", a, true), status);
-}
-
-void woodbury_tensor_cuda(const at::Tensor& A, const at::Tensor& H, const at::Tensor& a,
-                          const std::optional<at::Tensor>& status) {
-  const char* op = "woodbury_";
-  check_woodbury_args(A, H, status);
-  const Coeff ca = tensor_coeff(op, "a", a, A, true);
+  const Coeff ca = coeff(op, "a", a, A, true);
   require_cuda(op, "A", A);
   const c10::cuda::CUDAGuard guard(A.device());  // A's device and stream, before any work
   woodbury_launch(A, H, ca, status);
@@ -394,24 +379,13 @@ void kfac_update_launch(at::TensorList S_inv, at::TensorList G_inv, at::TensorLi
                                         status_ptr(status), stream));
 }
 
+template <typename C>
 void kfac_update_cuda(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts, at::TensorList grads,
-                      double a, double b, const std::optional<at::Tensor>& status) {
+                      C a, C b, const std::optional<at::Tensor>& status) {
   const char* op = "kfac_update_";
   check_kfac_update_args(S_inv, G_inv, acts, grads, status);
-  require_cuda(op, "S_inv", S_inv[0]);
-  const c10::cuda::CUDAGuard guard(S_inv[0].device());
-  const Coeff ca = host_coeff(op, "a", a, true);
-  const Coeff cb = host_coeff(op, "b", b, false);
-  kfac_update_launch(S_inv, G_inv, acts, grads, ca, cb, status);
-}
-
-void kfac_update_tensor_cuda(at::TensorList S_inv, at::TensorList G_inv, at::TensorList acts,
-                             at::TensorList grads, const at::Tensor& a, const at::Tensor& b,
-                             const std::optional<at::Tensor>& status) {
-  const char* op = "kfac_update_";
-  check_kfac_update_args(S_inv, G_inv, acts, grads, status);
-  const Coeff ca = tensor_coeff(op, "a", a, S_inv[0], true);
-  const Coeff cb = tensor_coeff(op, "b", b, S_inv[0], false);
+  const Coeff ca = coeff(op, "a", a, S_inv[0], true);
+  const Coeff cb = coeff(op, "b", b, S_inv[0], false);
   require_cuda(op, "S_inv", S_inv[0]);
   const c10::cuda::CUDAGuard guard(S_inv[0].device());
   kfac_update_launch(S_inv, G_inv, acts, grads, ca, cb, status);
@@ -503,23 +477,13 @@ void running_average_launch(const at::Tensor& L, const at::Tensor& B, const Coef
   C10_CUDA_CHECK(err);
 }
 
-void running_average_cuda(const at::Tensor& L, const at::Tensor& B, double a, double b,
+template <typename C>
+void running_average_cuda(const at::Tensor& L, const at::Tensor& B, C a, C b,
                           const std::optional<at::Tensor>& status) {
   const char* op = "running_average_";
   check_running_average_args(L, B, status);
-  require_cuda(op, "L", L);
-  const c10::cuda::CUDAGuard guard(L.device());
-  const Coeff ca = host_coeff(op, "a", a, true);
-  const Coeff cb = host_coeff(op, "b", b, false);
-  running_average_launch(L, B, ca, cb, status);
-}
-
-void running_average_tensor_cuda(const at::Tensor& L, const at::Tensor& B, const at::Tensor& a,
-                                 const at::Tensor& b, const std::optional<at::Tensor>& status) {
-  const char* op = "running_average_";
-  check_running_average_args(L, B, status);
-  const Coeff ca = tensor_coeff(op, "a", a, L, true);
-  const Coeff cb = tensor_coeff(op, "b", b, L, false);
+  const Coeff ca = coeff(op, "a", a, L, true);
+  const Coeff cb = coeff(op, "b", b, L, false);
   require_cuda(op, "L", L);
   const c10::cuda::CUDAGuard guard(L.device());
   running_average_launch(L, B, ca, cb, status);
@@ -529,15 +493,15 @@ void running_average_tensor_cuda(const at::Tensor& L, const at::Tensor& B, const
 }  // namespace nhgd
 
 TORCH_LIBRARY_IMPL(nhgd_ext, CUDA, m) {
-  m.impl("sherman_morrison_", &nhgd::sherman_morrison_cuda);
-  m.impl("sherman_morrison_.tensor", &nhgd::sherman_morrison_tensor_cuda);
-  m.impl("woodbury_", &nhgd::woodbury_cuda);
-  m.impl("woodbury_.tensor", &nhgd::woodbury_tensor_cuda);
-  m.impl("kfac_update_", &nhgd::kfac_update_cuda);
-  m.impl("kfac_update_.tensor", &nhgd::kfac_update_tensor_cuda);
+  m.impl("sherman_morrison_", &nhgd::sherman_morrison_cuda<double>);
+  m.impl("sherman_morrison_.tensor", &nhgd::sherman_morrison_cuda<const at::Tensor&>);
+  m.impl("woodbury_", &nhgd::woodbury_cuda<double>);
+  m.impl("woodbury_.tensor", &nhgd::woodbury_cuda<const at::Tensor&>);
+  m.impl("kfac_update_", &nhgd::kfac_update_cuda<double>);
+  m.impl("kfac_update_.tensor", &nhgd::kfac_update_cuda<const at::Tensor&>);
   m.impl("kfac_apply", &nhgd::kfac_apply_cuda);
-  m.impl("running_average_", &nhgd::running_average_cuda);
-  m.impl("running_average_.tensor", &nhgd::running_average_tensor_cuda);
+  m.impl("running_average_", &nhgd::running_average_cuda<double>);
+  m.impl("running_average_.tensor", &nhgd::running_average_cuda<const at::Tensor&>);
   m.impl("symmetrize_", &nhgd::symmetrize_cuda);
   m.impl("sherman_morrison_deferred_", &nhgd::sherman_morrison_deferred_cuda);
   m.impl("apply_pending_", &nhgd::apply_pending_cuda);
