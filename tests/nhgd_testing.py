@@ -226,3 +226,14 @@ def misspecified_fisher_error(noise: float, fisher: str, *, seed: int = 0, steps
         est.inner_step(F.cross_entropy(out, y[idx], reduction="none"), sgd, outputs=out)
     (h,) = est.hypergradient(outer(), lambda: inner().mean())
     return float((h - exact).norm() / exact.norm())
+
+
+def tensors_of(x) -> list[torch.Tensor]:
+    """Every tensor in a nest of dicts, lists and tuples (a state_dict), in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for value in x.values() for t in tensors_of(value)]
+    if isinstance(x, (list, tuple)):
+        return [t for value in x for t in tensors_of(value)]
+    return []

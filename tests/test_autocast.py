@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nhgd_ext import estimators as E
+from nhgd_testing import tensors_of
 
 ESTIMATORS = {
     "nhgd": lambda p, v, m: E.NHGD(p, v, modules=m),
@@ -48,22 +49,12 @@ def hypergradient(name: str, autocast: bool):
     return v.grad.clone(), state
 
 
-def state_tensors(state) -> list[torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for value in state.values() for t in state_tensors(value)]
-    if isinstance(state, (list, tuple)):
-        return [t for value in state for t in state_tensors(value)]
-    return []
-
-
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_an_autocast_inner_loop_keeps_the_state_precise_and_the_hypergradient_close(name):
     full, _ = hypergradient(name, autocast=False)
     mixed, state = hypergradient(name, autocast=True)
     assert torch.isfinite(mixed).all()
-    for t in state_tensors(state):
+    for t in tensors_of(state):
         if t.is_floating_point():
             assert t.dtype in (torch.float32, torch.float64)
             assert torch.isfinite(t).all()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nhgd_ext import estimators as E
+from nhgd_testing import tensors_of
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -95,16 +96,6 @@ def _worker(rank: int, port: int, names: list[str], out: str) -> None:
         torch.save(found, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def tensors_of(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for value in x.values() for t in tensors_of(value)]
-    if isinstance(x, (list, tuple)):
-        return [t for value in x for t in tensors_of(value)]
-    return []
 
 
 def test_ddp_ranks_agree_with_each_other_and_with_one_process_on_the_union(tmp_path):

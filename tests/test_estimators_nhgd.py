@@ -221,6 +221,28 @@ def test_state_dict_carries_the_trajectory_average():
     assert torch.equal(other._L, est._L) and other._cross_steps == 1
 
 
+class RowsRecorder:
+    """A curvature that keeps the per-sample rows it is fed (into ``fed``)
+    and refuses everything else."""
+
+    takes_rows = True
+
+    def __init__(self, fed: list):
+        self.fed = fed
+
+    def update_many(self, rows, per_step=True):
+        self.fed.append(rows)
+
+    def update(self, g, batch_size=1):
+        raise AssertionError("rows expected")
+
+    def solve(self, v):
+        raise AssertionError("not called here")
+
+    def reset(self):
+        raise AssertionError("not called here")
+
+
 @pytest.mark.parametrize("fisher", ["empirical", "sampled"])
 def test_per_sample_rows_from_the_layers_equal_autograds(fisher):
     """Rows assembled from the nn.Linear hooks (with the regularizer's share,
@@ -234,23 +256,8 @@ def test_per_sample_rows_from_the_layers_equal_autograds(fisher):
     X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
     fed = []
 
-    class Recorder:
-        takes_rows = True
-
-        def update_many(self, rows, per_step=True):
-            fed.append(rows)
-
-        def update(self, g, batch_size=1):
-            raise AssertionError("rows expected")
-
-        def solve(self, v):
-            raise AssertionError("not called here")
-
-        def reset(self):
-            raise AssertionError("not called here")
-
     for modules in (model, None):
-        est = NHGD(params, [v], curvature=Recorder(), modules=modules, fisher=fisher, seed=1)
+        est = NHGD(params, [v], curvature=RowsRecorder(fed), modules=modules, fisher=fisher, seed=1)
         assert (est._layer_rows is not None) == (modules is not None)
         out = model(X)
         losses = torch.sigmoid(v) * F.cross_entropy(out, y, reduction="none") + 0.1 * sum(p.pow(2).sum() for p in params)
@@ -273,22 +280,7 @@ def test_layer_rows_fall_back_where_the_loss_differentiates_through_the_inputs()
     v = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     fed = []
 
-    class Recorder:
-        takes_rows = True
-
-        def update_many(self, rows, per_step=True):
-            fed.append(rows)
-
-        def update(self, g, batch_size=1):
-            raise AssertionError("rows expected")
-
-        def solve(self, v):
-            raise AssertionError("not called here")
-
-        def reset(self):
-            raise AssertionError("not called here")
-
-    est = NHGD(params, [v], curvature=Recorder(), modules=model)
+    est = NHGD(params, [v], curvature=RowsRecorder(fed), modules=model)
 
     def losses():
         x = torch.linspace(-1, 1, 9, dtype=torch.float64).unsqueeze(1).requires_grad_()
