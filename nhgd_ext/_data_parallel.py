@@ -53,6 +53,18 @@ class DataParallel:
             start += t.numel()
         return out
 
+    def check_equal_batches(self, batch: int, device: torch.device) -> None:
+        """Raises ValueError on every rank (all see the same sums) unless all
+        ranks hold ``batch`` samples: the union's mean is the mean of the
+        ranks' means, and its rows gather, only for equal batches."""
+        sums = torch.tensor([batch, batch * batch], dtype=torch.int64, device=device)
+        self.dist.all_reduce(sums, group=self.group)
+        total, squares = int(sums[0]), int(sums[1])
+        if squares * self.world != total * total:
+            raise ValueError(f"inner_step: data-parallel ranks hold batches of different sizes ({total} samples "
+                             f"over {self.world} ranks, this one {batch}); give every rank an equal share of "
+                             "each batch")
+
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's rows, stacked in rank order (equal row counts)."""
         found = [torch.empty_like(rows) for _ in range(self.world)]

@@ -129,3 +129,36 @@ def test_nhgd_refuses_a_pipeline_with_data_parallel_training():
     p, v = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
     with pytest.raises(ValueError, match="'pipeline' does not combine with data-parallel inner training"):
         E.NHGD([p], [v], pipeline=True, process_group="world")
+
+
+def _unequal_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = nn.parallel.DistributedDataParallel(_model())
+        before = [p.detach().clone() for p in model.parameters()]
+        X, y = _data()
+        v = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
+        est = E.NHGD(list(model.parameters()), [v], modules=model)
+        rows = torch.arange(4 + 2 * rank)  # 4 samples on rank 0, 6 on rank 1
+        try:
+            est.inner_step(F.cross_entropy(model(X[rows]), y[rows], reduction="none"),
+                           torch.optim.SGD(model.parameters(), lr=0.1))
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+        unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        torch.save({"message": message, "unchanged": unchanged, "updates": est.curvature.num_updates},
+                   f"{out}/unequal{rank}.pt")
+        est.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batches_across_ranks_are_refused_on_every_rank_before_any_change(tmp_path):
+    mp.spawn(_unequal_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        found = torch.load(tmp_path / f"unequal{rank}.pt")
+        assert "data-parallel ranks hold batches of different sizes (10 samples over 2 ranks" in found["message"]
+        assert found["unchanged"] and found["updates"] == 0

@@ -124,6 +124,7 @@ class HypergradientEstimator:
         grads = grads_or_zeros(mean, self.inner_params, retain_graph=self._differentiates_again(per_sample, outputs))
         shared = self._data_parallel
         if shared is not None:  # every rank steps on the union's mean gradient
+            shared.check_equal_batches(batch, mean.device)
             grads, batch = shared.mean(grads), batch * shared.world
         refuse_nonfinite("inner_step", [mean.detach(), *grads],
                           ["the inner loss"] + [f"the gradient of inner parameter {i}" for i in range(len(grads))],
