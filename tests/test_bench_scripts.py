@@ -105,3 +105,17 @@ def test_bench_busy_machine_lists_its_configurations():
     assert names[0] == "quiet, --threads 2" and "busy, --threads auto" in names and len(names) == 8
     result = module.run_once("1", False, {}, 1)
     assert set(result) == {"nhgd", "cg10", "command", "threads used"} and result["threads used"] == 1
+
+
+def test_mutation_check_finds_each_text_it_mutates():
+    """bench/mutation_check.py rebuilds the extension (minutes): here only
+    that each mutation still applies to the sources as they are."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "bench" / "mutation_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(module.MUTATIONS) == 3
+    for name, relative, text, replacement, args in module.MUTATIONS:
+        assert (ROOT / relative).read_text().count(text) == 1, name
+        assert replacement != text and all((ROOT / a).exists() for a in args if a.startswith("tests/"))
