@@ -95,6 +95,9 @@ def _worker(rank: int, port: int, names: list[str], out: str) -> None:
             found[name] = _run(name, model, lambda t: _union_rows(t)[rank * LOCAL:(rank + 1) * LOCAL])
         torch.save(found, f"{out}/rank{rank}.pt")
     finally:
+        # a rank that tore its group down while the other still finished the
+        # last collective would fail that rank with a closed connection
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -153,6 +156,9 @@ def _unequal_worker(rank: int, port: int, out: str) -> None:
                    f"{out}/unequal{rank}.pt")
         est.close()
     finally:
+        # a rank that tore its group down while the other still finished the
+        # last collective would fail that rank with a closed connection
+        dist.barrier()
         dist.destroy_process_group()
 
 
