@@ -74,5 +74,4 @@ class DataParallel:
 
 def group_of(model) -> object | None:
     """The process group of a ``DistributedDataParallel`` model, else ``None``."""
-    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
-    return model.process_group if ddp is not None and isinstance(model, ddp) else None
+    return model.process_group if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None

@@ -253,7 +253,7 @@ def ema_coeffs(beta: float) -> tuple[float, float]:
 # whenever any argument is on the meta device: so they check that the
 # tensors share one device (0-d coefficients may stay on the CPU), or a real
 # A with a meta g would silently do nothing.
-def _fake(qualname: str, shapes=lambda *args: None):
+def _fake(qualname: str, shapes=None):
     op = qualname.split("::")[1].split(".")[0]
     packet = getattr(torch.ops.nhgd_ext, op)
     overload = qualname.split(".")[1] if "." in qualname else "default"
@@ -269,7 +269,7 @@ def _fake(qualname: str, shapes=lambda *args: None):
             if device != found[0][1]:
                 raise ValueError(f"{op}: argument '{name}' is on {device}, but '{found[0][0]}' is on "
                                  f"{found[0][1]}; all tensors must be on one device")
-        return shapes(*args, **kwargs)
+        return None if shapes is None else shapes(*args, **kwargs)
 
     torch.library.register_fake(qualname)(fake)
 
@@ -280,4 +280,4 @@ _RESULT_SHAPES = {
     "kfac_apply": lambda S_inv, G_inv, V: [torch.empty_like(v) for v in V],
 }
 for _qualified in SCHEMAS:
-    _fake(f"nhgd_ext::{_qualified}", _RESULT_SHAPES.get(_qualified, lambda *args, **kwargs: None))
+    _fake(f"nhgd_ext::{_qualified}", _RESULT_SHAPES.get(_qualified))

@@ -74,12 +74,18 @@ class LinearRecorder:
             # them the step's loss gradient; detach() has no batching rule
             # there either.
             return
-        a = inputs.reshape(-1, self.in_features)
+        a, delta, samples, input_scale = self._rows(inputs, grad.detach())
         if self.bias_column:
             a = torch.nn.functional.pad(a, (0, 1), value=1.0)
-        delta = grad.detach().reshape(-1, self.out_features)
-        self.acts = a
-        self.grads = delta * delta.shape[0]  # per-sample output gradients of a mean loss
+        self.acts = a if input_scale == 1.0 else a * input_scale
+        self.grads = delta * samples  # per-sample output gradients of a mean loss over ``samples``
+
+    def _rows(self, inputs: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """(input rows, output-gradient rows, samples the loss averages over,
+        the factor on the input rows, bias column included): for a linear
+        layer one row per sample (every leading index), unscaled."""
+        delta = grad.reshape(-1, self.out_features)
+        return inputs.reshape(-1, self.in_features), delta, delta.shape[0], 1.0
 
     def remove(self) -> None:
         """Takes every hook off (idempotent) and drops what was recorded."""
@@ -128,18 +134,11 @@ class ConvRecorder(LinearRecorder):
                              "other than zeros, or an uneven padding='same')")
         super().__init__(module)
 
-    def _output_grad(self, inputs: torch.Tensor, grad: torch.Tensor) -> None:
-        if self.closed or not self.recording or _is_batched_grad(grad):
-            return
-        batch = grad.shape[0]
+    def _rows(self, inputs: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         patches = torch.nn.functional.unfold(inputs, **self.geometry)  # n x (C kh kw) x T
-        positions = patches.shape[2]
         a = patches.transpose(1, 2).reshape(-1, self.in_features)
-        if self.bias_column:
-            a = torch.nn.functional.pad(a, (0, 1), value=1.0)
-        delta = grad.detach().flatten(2).transpose(1, 2).reshape(-1, self.out_features)
-        self.acts = a * math.sqrt(positions)
-        self.grads = delta * batch  # per-sample output gradients of a mean loss
+        delta = grad.flatten(2).transpose(1, 2).reshape(-1, self.out_features)
+        return a, delta, grad.shape[0], math.sqrt(patches.shape[2])
 
 
 def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:

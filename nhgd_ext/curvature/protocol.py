@@ -37,5 +37,5 @@ class Curvature(Protocol):
         """Back to no updates."""
 
 
-#: the methods a curvature must have (Curvature's, for messages)
-REQUIRED = ("update", "update_many", "solve", "reset")
+#: the methods a curvature must have, in the order Curvature declares them (for messages)
+REQUIRED = tuple(name for name, value in vars(Curvature).items() if callable(value) and not name.startswith("_"))

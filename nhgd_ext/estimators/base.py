@@ -35,7 +35,8 @@ def _param_list(name: str, params) -> list[torch.Tensor]:
     return params
 
 
-_UNCHANGED = "the outer parameters' .grad and the estimator's state are unchanged"
+#: what a refused hypergradient leaves as it was (the text of its NonFiniteError)
+UNCHANGED = "the outer parameters' .grad and the estimator's state are unchanged"
 
 
 def _union_of(shared: DataParallel, observations: dict) -> dict:
@@ -220,21 +221,22 @@ class HypergradientEstimator:
         outer loss, in a loss ``inner_closure`` returns or in the result
         raises :class:`NonFiniteError`, with the estimator's state as it was
         before the call (the same policy for every estimator)."""
-        refuse_nonfinite("hypergradient", [outer_loss.detach()], ["the outer loss"], _UNCHANGED)
+        refuse_nonfinite("hypergradient", [outer_loss.detach()], ["the outer loss"], UNCHANGED)
 
         def checked_closure():
             loss = inner_closure()
-            refuse_nonfinite("hypergradient", [loss.detach()], ["a loss inner_closure returned"], _UNCHANGED)
+            refuse_nonfinite("hypergradient", [loss.detach()], ["a loss inner_closure returned"], UNCHANGED)
             return loss
 
         kept = self._outer_state()
         try:
             result = tuple(self._hypergradient(outer_loss, checked_closure))
-            refuse_nonfinite("hypergradient", result, ["the hypergradient"] * len(result), _UNCHANGED)
+            refuse_nonfinite("hypergradient", result, ["the hypergradient"] * len(result), UNCHANGED)
             # a finite result from a non-finite kept variable (SOBA's z) would poison the next step
-            carried = [t for t in self._outer_state().values() if isinstance(t, torch.Tensor)]
+            carried = [t for t in (getattr(self, name, None) for name in self._outer_step_attributes)
+                       if isinstance(t, torch.Tensor)]
             refuse_nonfinite("hypergradient", carried, ["the linear-system variable kept for the next step"]
-                              * len(carried), _UNCHANGED)
+                              * len(carried), UNCHANGED)
         except BaseException:
             self._restore_outer_state(kept)
             raise

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .._finite import NonFiniteError
-from .base import Closure, KeepsSolution
+from .._finite import refuse_nonfinite
+from .base import UNCHANGED, Closure, KeepsSolution
 
 
 class ConjugateGradient(KeepsSolution):
@@ -34,10 +34,7 @@ class ConjugateGradient(KeepsSolution):
                 break
             Hp = self.hvp(g_theta, p)
             pHp = p @ Hp
-            if not torch.isfinite(pHp):
-                raise NonFiniteError("ConjugateGradient: a Hessian-vector product is NaN or infinite (diverged?); "
-                                     "the outer parameters' .grad and the estimator's state are unchanged",
-                                     "a Hessian-vector product")
+            refuse_nonfinite("ConjugateGradient", [pHp], ["a Hessian-vector product"], UNCHANGED)
             if not pHp > 0:  # the residual is at rounding level (or H is not positive definite along p)
                 break
             alpha = rr / pHp

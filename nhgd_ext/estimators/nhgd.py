@@ -38,10 +38,10 @@ from torch import nn
 
 from .. import ops
 from .._data_parallel import group_of
-from .._finite import NonFiniteError
+from .._finite import refuse_nonfinite
 from ..curvature import KFAC, Curvature, DenseEFIM, protocol
 from ._layer_rows import LayerRows
-from .base import Closure, HypergradientEstimator, flat, grads_or_zeros, unflat
+from .base import UNCHANGED, Closure, HypergradientEstimator, flat, grads_or_zeros, unflat
 
 
 class NHGD(HypergradientEstimator):
@@ -354,10 +354,7 @@ class NHGD(HypergradientEstimator):
                 break
             q = self.hvp(g_theta, p)
             pq = p @ q
-            if not torch.isfinite(pq):
-                raise NonFiniteError("NHGD(refine=...): a Hessian-vector product is NaN or infinite (diverged?); "
-                                     "the outer parameters' .grad and the estimator's state are unchanged",
-                                     "a Hessian-vector product")
+            refuse_nonfinite("NHGD(refine=...)", [pq], ["a Hessian-vector product"], UNCHANGED)
             if not pq > 0:  # converged, or H is not positive definite along p: w is as good as it gets
                 break
             alpha = rz / pq

@@ -79,13 +79,6 @@ def _make_engine(kind: str, side: _ConsumerSide, slots: int, producer: torch.dev
     raise ValueError(f"Pipeline: argument 'engine' must be 'auto', 'compiled' or 'python', got {kind!r}")
 
 
-class _Refused:
-    """A request's NonFiniteError, carried to the producer as its result."""
-
-    def __init__(self, error: NonFiniteError):
-        self.error = error
-
-
 class _ConsumerSide:
     """What the consumer thread runs, apart from the Pipeline object: the
     engine holds this, not the Pipeline, so no reference cycle keeps a dropped
@@ -117,9 +110,9 @@ class _ConsumerSide:
                     try:
                         self.results[meta[1]] = self._run_local(what, argument)
                     except NonFiniteError as refused:
-                        # the curvature refused and changed nothing: the caller gets the
-                        # refusal, and the stream goes on
-                        self.results[meta[1]] = _Refused(refused)
+                        # the curvature refused and changed nothing: the refusal is the
+                        # request's result (raised to the caller), and the stream goes on
+                        self.results[meta[1]] = refused
             elif self.remote is not None:
                 self.remote.send_update(tensors, meta, more_queued=self.published - self.handled > 1)
             else:
@@ -396,8 +389,8 @@ class Pipeline:
             finally:
                 self._side.calls.pop(call_id, None)
             result = self._side.results.pop(call_id)
-        if isinstance(result, _Refused):
-            raise result.error
+        if isinstance(result, NonFiniteError):
+            raise result
         if isinstance(result, torch.Tensor) and result.is_cuda:
             # Made on the consumer's stream, used on the producer's from now on.
             result.record_stream(torch.cuda.current_stream(result.device))
