@@ -103,17 +103,13 @@ def extension_modules(toolchain) -> tuple[list, dict]:
         + ")",
         file=sys.stderr,
     )
+    recipe = toolchain.extension_arguments(with_cuda)  # the same as the first-import build's
     ext = kind(
         name="nhgd_ext._C",
-        sources=[
-            os.path.relpath(s, ROOT) for s in toolchain.sources(with_cuda, python_module=True)
-        ],
-        include_dirs=toolchain.include_dirs(with_cuda),
-        extra_compile_args={
-            "cxx": toolchain.cxx_flags(with_cuda),
-            "nvcc": toolchain.nvcc_flags(),
-        },
-        extra_link_args=toolchain.ldflags(),
+        sources=[os.path.relpath(s, ROOT) for s in recipe["sources"]],
+        include_dirs=recipe["extra_include_paths"],
+        extra_compile_args={"cxx": recipe["extra_cflags"], "nvcc": recipe["extra_cuda_cflags"] or []},
+        extra_link_args=recipe["extra_ldflags"],
         py_limited_api=False,
     )
     return [ext], {"build_ext": _cached_build_ext(BuildExtension, with_cuda)}

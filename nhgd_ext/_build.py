@@ -5,15 +5,18 @@ from ``pip install --no-build-isolation``), a build compiled on first import
 with ``torch.utils.cpp_extension.load`` (cached in torch's extensions folder),
 and, only where no compiler works, the pure-PyTorch reference with a warning.
 ``NHGD_BACKEND=reference`` forces the reference (for tests of the fallback).
+
+Nothing here looks at the sources: after editing ``csrc/`` in a checkout,
+rebuild (``pip install --no-build-isolation -e .``; ninja recompiles only
+what changed). The test suite refuses to run on a module older than its
+sources (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -38,28 +41,11 @@ def _jit_build() -> None:
         )
     _state["module"] = cpp_extension.load(
         name=name,
-        sources=_toolchain.sources(with_cuda, python_module=True),
-        extra_include_paths=_toolchain.include_dirs(with_cuda),
-        extra_cflags=_toolchain.cxx_flags(with_cuda),
-        extra_cuda_cflags=_toolchain.nvcc_flags() if with_cuda else None,
-        extra_ldflags=_toolchain.ldflags(),
+        **_toolchain.extension_arguments(with_cuda),
         with_cuda=with_cuda,
         is_python_module=True,  # the pipeline engine is a pybind11 class of the module
         verbose=os.environ.get("NHGD_VERBOSE_BUILD") == "1",
     )
-
-
-def _prebuilt_is_stale() -> bool:
-    """In a source checkout (editable install), whether the ahead-of-time
-    module predates an edit of csrc/: then it would silently run old kernels."""
-    spec = importlib.util.find_spec(__package__ + "._C")
-    if spec is None or spec.origin is None:
-        return False
-    root = _toolchain.source_root()
-    if root.parent != Path(__file__).resolve().parent.parent:  # installed wheel: sources are a copy
-        return False
-    built = os.path.getmtime(spec.origin)
-    return any(os.path.getmtime(p) > built for p in root.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"})
 
 
 def _load() -> None:
@@ -67,8 +53,6 @@ def _load() -> None:
         _use_reference("NHGD_BACKEND=reference is set")
         return
     try:
-        if _prebuilt_is_stale():
-            raise ImportError("nhgd_ext._C is older than the sources in csrc/")
         from . import _C  # importing registers the operators
 
         _state["module"] = _C
@@ -78,7 +62,7 @@ def _load() -> None:
         except Exception as err:  # no compiler, broken toolchain, ...
             _use_reference(f"the C++ extension could not be compiled: {err}")
             return
-    _state["kind"] = "compiled"
+    _state["kind"] = "cpp"
     _state["with_cuda"] = bool(torch.ops.nhgd_ext._compiled_with_cuda())
     if not _state["with_cuda"]:
         # CUDA tensors still work, through the reference kernels.
@@ -122,12 +106,12 @@ def native_module():
     """The compiled Python module (``nhgd_ext._C`` or its first-import build),
     or ``None`` when the reference operators run. It holds the classes that
     are not operators (the pipeline engine)."""
-    return _state["module"] if _state["kind"] == "compiled" else None
+    return _state["module"] if _state["kind"] == "cpp" else None
 
 
 def compiled_with_cuda() -> bool:
     """Whether the loaded extension contains the CUDA kernels (GPU or not)."""
-    return _state["kind"] == "compiled" and _state["with_cuda"]
+    return _state["kind"] == "cpp" and _state["with_cuda"]
 
 
 _load()

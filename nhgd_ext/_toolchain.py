@@ -1,7 +1,8 @@
 """Where the sources, the CUDA toolkit and the compiler flags are.
 
-Shared by ``setup.py`` (ahead-of-time build), ``nhgd_ext._build`` (compile on
-first import) and ``CMakeLists.txt`` (which asks :func:`cuda_home`).
+The one build recipe (:func:`extension_arguments`), used by ``setup.py``
+(ahead of time) and by ``nhgd_ext._build`` (on first import, where the
+wheel was built without torch); both hand it to ``torch.utils.cpp_extension``.
 
 This module must import without torch: ``setup.py`` loads it by file path
 (``importlib.util.spec_from_file_location``) inside pip's isolated build
@@ -69,22 +70,19 @@ def _glob(directory: Path, *patterns: str) -> list[Path]:
     return found
 
 
-def sources(with_cuda: bool, python_module: bool) -> list[str]:
+def sources(with_cuda: bool) -> list[str]:
     """Absolute, sorted paths of the translation units to compile.
 
-    ``csrc/*.cpp`` (``module.cpp``, the pybind11 module, only when building a
-    Python module), ``csrc/cpu/*.cpp``, ``csrc/curvature/*.cpp`` and
-    ``csrc/pipeline/*.cpp`` (their Python bindings only for a Python module;
-    the pipeline's CUDA route compiles to the CPU-only factory without
-    ``NHGD_WITH_CUDA``), and with CUDA also ``csrc/cuda/*.cpp`` (host glue)
-    and ``csrc/cuda/*.cu`` (kernels). Base names are unique across folders:
-    torch's first-import build names each object after its source's.
+    ``csrc/*.cpp``, ``csrc/cpu/*.cpp``, ``csrc/curvature/*.cpp`` and
+    ``csrc/pipeline/*.cpp`` (the pipeline's CUDA route compiles to the
+    CPU-only factory without ``NHGD_WITH_CUDA``), and with CUDA also
+    ``csrc/cuda/*.cpp`` (host glue) and ``csrc/cuda/*.cu`` (kernels). Base
+    names are unique across folders: torch's first-import build names each
+    object after its source's.
     """
     root = source_root()
-    python_only = {"module.cpp", "python_bindings.cpp", "dense_efim_python.cpp"}
     files = _glob(root, "*.cpp") + _glob(root / "cpu", "*.cpp") + _glob(root / "curvature", "*.cpp")
     files += _glob(root / "pipeline", "*.cpp")
-    files = [p for p in files if python_module or p.name not in python_only]
     if with_cuda:
         files += _glob(root / "cuda", "*.cpp", "*.cu")
     return sorted(str(p.resolve()) for p in files)
@@ -353,6 +351,19 @@ def nvcc_flags() -> list[str]:
     return ["-O3", "-DNHGD_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
+def extension_arguments(with_cuda: bool) -> dict:
+    """Sources, include folders and flags of the extension module, as
+    ``torch.utils.cpp_extension`` names them for ``load`` (the ahead-of-time
+    build maps them onto its Extension)."""
+    return {
+        "sources": sources(with_cuda),
+        "extra_include_paths": include_dirs(with_cuda),
+        "extra_cflags": cxx_flags(with_cuda),
+        "extra_cuda_cflags": nvcc_flags() if with_cuda else None,
+        "extra_ldflags": ldflags(),
+    }
+
+
 def describe() -> dict:
     """What this module found, for messages and ``python nhgd_ext/_toolchain.py``."""
     return {
@@ -363,9 +374,6 @@ def describe() -> dict:
     }
 
 
-if __name__ == "__main__":  # `python nhgd_ext/_toolchain.py [cuda-home]`
-    if sys.argv[1:] == ["cuda-home"]:
-        print(cuda_home() or "")
-    else:
-        for key, value in describe().items():
-            print(f"{key}: {value}")
+if __name__ == "__main__":  # `python nhgd_ext/_toolchain.py`: what a build here would use
+    for key, value in describe().items():
+        print(f"{key}: {value}")

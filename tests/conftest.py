@@ -6,13 +6,36 @@ that the test modules can import them under any pytest import mode.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _stale_module() -> str | None:
+    """In a checkout, the compiled module if a file of csrc/ is newer: the
+    tests would run old kernels. (The package itself never scans csrc/.)"""
+    spec = importlib.util.find_spec("nhgd_ext._C")
+    if spec is None or spec.origin is None or not (_REPO / "csrc").is_dir():
+        return None
+    built = os.path.getmtime(spec.origin)
+    newer = [p for p in (_REPO / "csrc").rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"}
+             and os.path.getmtime(p) > built]
+    return f"{spec.origin} is older than {newer[0]}" if newer else None
+
+
+def pytest_sessionstart(session):
+    stale = _stale_module()
+    if stale:
+        raise pytest.UsageError(f"{stale}: rebuild the extension first "
+                                "(pip install --no-build-isolation -e .), or run bash scripts/test.sh")
 
 
 @pytest.fixture(autouse=True)

@@ -367,6 +367,19 @@ def test_load_state_dict_refuses_another_configuration():
         DenseEFIM(5, representation="dense").load_state_dict(DenseEFIM(5, representation="compact").state_dict())
 
 
+def test_load_state_dict_refuses_a_damaged_state_before_changing_anything():
+    c = DenseEFIM(3, representation="dense", dtype=torch.float64)
+    c.update(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+    before = c.state_dict()
+    for key, value in (("gram_rows", 1), ("fisher", torch.zeros(4, 4, dtype=torch.float64))):
+        damaged = dict(before, **{key: value})
+        with pytest.raises(ValueError, match=key):
+            c.load_state_dict(damaged)
+        after = c.state_dict()
+        assert all(torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v
+                   for k, v in before.items()), key
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [({"dim": 0}, "dim"), ({"dim": 3, "beta": 1.0}, "beta"), ({"dim": 3, "damping": 0.0}, "damping"),

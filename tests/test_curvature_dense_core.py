@@ -109,11 +109,10 @@ def test_an_update_the_kernel_refuses_leaves_both_stale_alike():
         (lambda c: c.update(torch.ones(4), 1), r"argument 'g' must have shape \[3\], got \[4\]"),
         (lambda c: c.update(torch.ones(3, dtype=torch.int64), 1), "argument 'g' must be a floating-point tensor"),
         (lambda c: c.update([1.0, 2.0, 3.0], 1), "argument 'g' must be a tensor"),
-        (lambda c: c.update(torch.ones(3), 0), "argument 'batch_size' must be a positive integer"),
         (lambda c: c.update_many(torch.ones(3), False), r"argument 'G' must have shape \[k >= 1, 3\], got \[3\]"),
         (lambda c: c.update_many(torch.full((2, 3), float("inf")), False), "argument 'G' contains NaN"),
     ],
-    ids=["nan", "shape", "integer", "list", "batch_size", "rows_shape", "rows_inf"],
+    ids=["nan", "shape", "integer", "list", "rows_shape", "rows_inf"],
 )
 def test_bad_input_raises_the_same_error_and_changes_nothing(core_kind, call, match):
     compiled, reference = pair(3, 0.9, torch.float64, "cpu")

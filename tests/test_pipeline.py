@@ -21,7 +21,7 @@ from nhgd_ext.pipeline import Pipeline, PipelineClosed, PipelineError, engine_ki
 
 HANG = 10.0  # seconds: only to turn a hang into a failure
 
-ENGINES = [pytest.param("compiled", id="compiled"), pytest.param("python", id="python")]
+ENGINES = [pytest.param("cpp", id="cpp"), pytest.param("reference", id="reference")]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_each")
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_each")
 
 @pytest.fixture(params=ENGINES)
 def engine(request):
-    if request.param == "compiled" and engine_kind() != "compiled":
+    if request.param == "cpp" and engine_kind() != "cpp":
         pytest.skip("the compiled extension is not loaded (reference backend)")
     return request.param
 
@@ -66,11 +66,11 @@ class Recorder:
 
 def test_compiled_engine_is_used_where_the_extension_is_compiled():
     if nhgd_ext.backend("cpu") == "cpp":
-        assert engine_kind() == "compiled"
+        assert engine_kind() == "cpp"
         with Pipeline(Recorder()) as p:
-            assert p.engine == "compiled" and p.route == "host"
+            assert p.engine == "cpp" and p.route == "host"
     else:
-        assert engine_kind() == "python"
+        assert engine_kind() == "reference"
 
 
 @pytest.mark.parametrize("slots", [1, 3, 64])
@@ -89,7 +89,7 @@ def test_20000_messages_in_order_exactly_once(engine, slots):
 
 def test_dense_efim_updates_bitwise_equal_to_synchronous(engine):
     # 20,000 through the compiled engine; the fallback is the same logic in Python.
-    d, n = 12, (20000 if engine == "compiled" else 3000)
+    d, n = 12, (20000 if engine == "cpp" else 3000)
     G = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     v = torch.randn(d, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     sync = DenseEFIM(d, beta=0.995, dtype=torch.float64, representation="dense")
@@ -288,7 +288,7 @@ def test_auto_representation_pipelines_equal_to_synchronous(engine, beta):
 def test_dense_updates_with_cross_terms_equal_synchronous(engine):
     """A DenseEFIM with an on_cross handler: with the compiled engine the
     consumer applies each update itself and hands Python only the cross term
-    (a CROSS message), in order, with the update's batch size."""
+    (a CROSS_ONLY message), in order, with the update's batch size."""
     d = 5
     G = torch.randn(40, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     sync, piped = (DenseEFIM(d, beta=0.9, dtype=torch.float64, representation="dense") for _ in range(2))
@@ -315,14 +315,14 @@ def test_message_kinds_agree_with_the_compiled_consumer():
         pytest.skip("the compiled extension is not loaded (reference backend)")
     from nhgd_ext.pipeline import _messages
 
-    assert module.PIPELINE_MESSAGE_KINDS == {k: getattr(_messages, k) for k in ("UPDATE", "UPDATE_MANY", "CALL", "CROSS")}
+    assert module.PIPELINE_MESSAGE_KINDS == {k: getattr(_messages, k) for k in ("UPDATE", "UPDATE_MANY", "CALL", "CROSS_ONLY")}
 
 
 def test_compiled_consumer_updates_a_dense_efim_without_the_gil():
     """The producer keeps the GIL (a Python loop, with a switch interval far
     longer than the test): a consumer that needed the interpreter could not
     apply a single update, the compiled one applies them all."""
-    if engine_kind() != "compiled":
+    if engine_kind() != "cpp":
         pytest.skip("the compiled extension is not loaded (reference backend)")
     G = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     sync = DenseEFIM(16, dtype=torch.float64, representation="dense")

@@ -41,7 +41,7 @@ def _stream(producer: str, consumer: str, n: int = 2000, d: int = 64):
 def test_compiled_route_is_used_on_the_gpu():
     if nhgd_ext.compiled_with_cuda():
         with Pipeline(DenseEFIM(4, device="cuda", representation="dense"), producer="cuda", consumer="cuda") as p:
-            assert p.engine == "compiled" and p.route == "cuda-streams"
+            assert p.engine == "cpp" and p.route == "cuda-streams"
 
 
 def test_one_gpu_two_streams():
@@ -68,7 +68,7 @@ def test_consumer_runs_on_its_own_stream():
     with Pipeline(Probe(8, device="cuda"), producer="cuda", consumer="cuda") as p:
         p.push(torch.ones(8, device="cuda"))
         p.flush()
-    if p.engine == "compiled":
+    if p.engine == "cpp":
         assert seen[0] != torch.cuda.current_stream().stream_id
 
 

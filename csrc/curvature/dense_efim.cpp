@@ -71,12 +71,6 @@ DenseEFIM::DenseEFIM(int64_t dim, std::optional<double> beta, double damping, do
       refresh_below_(refresh_below),
       options_(at::TensorOptions().dtype(dtype).device(device)),
       status_(std::move(status)) {
-  TORCH_CHECK_VALUE(dim >= 1, "DenseEFIM: argument 'dim' must be a positive integer, got ", text(dim));
-  TORCH_CHECK_VALUE(!beta || (*beta > 0.0 && *beta < 1.0), "DenseEFIM: argument 'beta' must be None or lie in (0, 1)");
-  TORCH_CHECK_VALUE(std::isfinite(damping) && damping > 0.0, "DenseEFIM: argument 'damping' must be a finite number > 0");
-  TORCH_CHECK_VALUE(refresh_below > 0.0 && refresh_below < 1.0, "DenseEFIM: argument 'refresh_below' must lie in (0, 1)");
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble,
-                    "DenseEFIM: argument 'dtype' must be torch.float32 or torch.float64");
   reset();
 }
 
@@ -103,7 +97,6 @@ void DenseEFIM::reset() {
 }
 
 void DenseEFIM::set_gram_rows(int64_t rows) {
-  TORCH_CHECK_VALUE(rows >= 2, "DenseEFIM: argument 'rows' must be an integer >= 2, got ", text(rows));
   gram_rows_ = rows;
 }
 
@@ -146,8 +139,6 @@ at::Tensor DenseEFIM::rows(const char* name, const at::Tensor& x, int64_t ndim) 
 }
 
 void DenseEFIM::update(const at::Tensor& g, int64_t batch_size) {
-  TORCH_CHECK_VALUE(batch_size >= 1, "DenseEFIM.update: argument 'batch_size' must be a positive integer, got ",
-                    text(batch_size));
   at::NoGradGuard no_grad;
   at::Tensor x = rows("g", g, 1);
   if (batch_size != 1) x = x * std::sqrt(static_cast<double>(batch_size));

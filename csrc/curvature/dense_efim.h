@@ -48,7 +48,9 @@ class DenseEFIM {
   static constexpr int64_t kFactorizeRowsFactor = 3;
 
   // `status`: the skip counter the CUDA kernels write to (see nhgd_ext.ops);
-  // unused on the CPU, where the same problems raise.
+  // unused on the CPU, where the same problems raise. The settings and a
+  // batch size are checked once, by their public layer (the Python
+  // DenseEFIM, Pipeline.push); this core checks only the tensors it reads.
   DenseEFIM(int64_t dim, std::optional<double> beta, double damping, double refresh_below, at::ScalarType dtype,
             at::Device device, std::optional<at::Tensor> status);
 

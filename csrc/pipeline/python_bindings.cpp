@@ -11,6 +11,7 @@
 
 #include "curvature/dense_efim.h"
 #include "pipeline/engine.h"
+#include "pipeline/ring_buffer.h"
 
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
@@ -24,9 +25,9 @@ namespace py = pybind11;
 namespace nhgd::pipeline {
 namespace {
 
-// Message kinds, as nhgd_ext/pipeline/_messages.py numbers them (a test checks
-// that they agree). meta = [kind, batch size or per_step, has cross, captures].
-enum MessageKind : int64_t { kUpdate = 0, kUpdateMany = 1, kCall = 2, kCross = 3 };
+// Message kinds and layout: nhgd_ext/pipeline/_messages.py's Message (a test
+// checks that the kinds agree). meta = [kind, batch size | per_step, has cross, captures].
+enum MessageKind : int64_t { kUpdate = 0, kUpdateMany = 1, kCall = 2, kCrossOnly = 3 };
 
 // Whether the compiled curvature can apply this message by itself: an update
 // without captured hook inputs (those are K-FAC's, a Python curvature).
@@ -75,7 +76,7 @@ class PyEngine {
         }
         if (meta[2] == 0) return;
         // What remains of the message is its cross term, for on_cross.
-        cross_meta = {kCross, meta[0] == kUpdate ? meta[1] : tensors[0].size(0), 1, 0};
+        cross_meta = {kCrossOnly, meta[0] == kUpdate ? meta[1] : tensors[0].size(0), 1, 0};
         python_meta = &cross_meta;
       }
       py::gil_scoped_acquire gil;
@@ -122,7 +123,7 @@ class PyEngine {
 
  private:
   Engine& engine() const {
-    if (!engine_) throw RingClosed("pipeline is closed");
+    if (!engine_) throw PipelineClosed("pipeline is closed");
     return *engine_;
   }
 
@@ -153,10 +154,25 @@ class PyEngine {
 void bind_python(py::module_& m) {
   m.attr("PIPELINE_MESSAGE_KINDS") =
       py::dict(py::arg("UPDATE") = int64_t{kUpdate}, py::arg("UPDATE_MANY") = int64_t{kUpdateMany},
-               py::arg("CALL") = int64_t{kCall}, py::arg("CROSS") = int64_t{kCross});
-  // Subclasses of RuntimeError, so nothing that catches RuntimeError misses them.
-  py::register_exception<RingFailed>(m, "PipelineFailed", PyExc_RuntimeError);
-  py::register_exception<RingClosed>(m, "PipelineClosedError", PyExc_RuntimeError);
+               py::arg("CALL") = int64_t{kCall}, py::arg("CROSS_ONLY") = int64_t{kCrossOnly});
+  // The engine's two stops reach Python as the package's own exception types,
+  // the ones the pure-Python engine raises (looked up when first needed: this
+  // module loads before nhgd_ext.pipeline).
+  py::register_exception_translator([](std::exception_ptr thrown) {
+    const char* type = nullptr;
+    std::string text;
+    try {
+      std::rethrow_exception(thrown);
+    } catch (const PipelineError& e) {
+      type = "PipelineError";
+      text = e.what();
+    } catch (const PipelineClosed& e) {
+      type = "PipelineClosed";
+      text = e.what();
+    }
+    py::object cls = py::module_::import("nhgd_ext.pipeline._messages").attr(type);
+    PyErr_SetString(cls.ptr(), text.c_str());
+  });
 
   py::class_<PyEngine>(m, "PipelineEngine",
                        "Ring buffer + C++ consumer thread behind nhgd_ext.pipeline.Pipeline.")
@@ -174,6 +190,25 @@ void bind_python(py::module_& m) {
       .def_property_readonly("closed", &PyEngine::closed)
       .def_property_readonly("route", &PyEngine::route)
       .def_property_readonly("consumer_stream", &PyEngine::consumer_stream);
+
+  // The bare coordination of slots, for tests/test_pipeline_ring.py to drive
+  // producer and consumer steps one at a time; the waiting calls release the GIL.
+  using Ring = RingBuffer;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  py::class_<Ring>(m, "_RingBuffer")
+      .def(py::init<std::size_t>(), py::arg("slots"))
+      .def("begin_push", &Ring::begin_push, nogil)
+      .def("try_begin_push", &Ring::try_begin_push)
+      .def("end_push", &Ring::end_push, py::arg("published"))
+      .def("wait_applied", &Ring::wait_applied, nogil)
+      .def("begin_pop", &Ring::begin_pop, nogil)
+      .def("release", &Ring::release)
+      .def("mark_applied", &Ring::mark_applied)
+      .def("consumer_stopped", &Ring::consumer_stopped)
+      .def("fail", &Ring::fail, py::arg("message"))
+      .def("close", &Ring::close, py::arg("drain"), nogil)
+      .def_property_readonly("published", &Ring::published)
+      .def_property_readonly("applied", &Ring::applied);
 }
 
 }  // namespace nhgd::pipeline

@@ -1,8 +1,8 @@
 // Coordination of a ring of N message slots between producers and one
 // consumer thread. Pure C++ (no torch, no Python): the slots' payload is kept
 // by the owner, indexed by the slot number this class hands out, so the same
-// logic serves host, pinned and device storage, and is tested natively
-// (tests/cpp/test_ring_buffer.cpp).
+// logic serves host, pinned and device storage. Its waits and failures are
+// tested through the engine that owns it (tests/test_pipeline.py).
 //
 // Counters only ever grow; slot i of message n is n % N.
 //   published: messages the producer finished copying in (visible to the consumer)
@@ -23,12 +23,13 @@
 namespace nhgd::pipeline {
 
 // The stream has failed (an error on either side); what() says where and why.
-struct RingFailed : std::runtime_error {
+// Python sees nhgd_ext.pipeline.PipelineError (python_bindings.cpp translates).
+struct PipelineError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// push after close().
-struct RingClosed : std::runtime_error {
+// A call after close(); Python sees nhgd_ext.pipeline.PipelineClosed.
+struct PipelineClosed : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
@@ -46,7 +47,7 @@ class RingBuffer {
 
   // Waits until the next slot is free and no other producer is filling one;
   // returns its index. The caller fills it, then calls end_push. Throws
-  // RingFailed / RingClosed instead of waiting forever.
+  // PipelineError / PipelineClosed instead of waiting forever.
   std::size_t begin_push() {
     std::unique_lock<std::mutex> lock(mutex_);
     space_.wait(lock, [&] { return stopped_locked() || slot_free_locked(); });
@@ -77,14 +78,14 @@ class RingBuffer {
   }
 
   // Waits until every message published before the call has been applied.
-  // Throws RingFailed if the stream failed first, RingClosed if the consumer
+  // Throws PipelineError if the stream failed first, PipelineClosed if the consumer
   // stopped (close without drain) before reaching them.
   void wait_applied() {
     std::unique_lock<std::mutex> lock(mutex_);
     const std::uint64_t target = published_;
     done_.wait(lock, [&] { return applied_ >= target || failed_ || consumer_stopped_; });
-    if (failed_) throw RingFailed(error_);
-    if (applied_ < target) throw RingClosed("pipeline closed before every message was applied");
+    if (failed_) throw PipelineError(error_);
+    if (applied_ < target) throw PipelineClosed("pipeline closed before every message was applied");
   }
 
   // ---- consumer side --------------------------------------------------
@@ -194,8 +195,8 @@ class RingBuffer {
   }
 
   void throw_if_stopped_locked() const {
-    if (failed_) throw RingFailed(error_);
-    if (closed_) throw RingClosed("pipeline is closed");
+    if (failed_) throw PipelineError(error_);
+    if (closed_) throw PipelineClosed("pipeline is closed");
   }
 
   void notify_everyone() {

@@ -97,8 +97,6 @@ class CompactCore:
     # ---------------------------------------------------------------- updates
 
     def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"DenseEFIM.update: argument 'batch_size' must be a positive integer, got {batch_size!r}")
         x = checked_rows("g", g, 1, self.dim, _FLOAT64, self.device)
         if batch_size != 1:
             x = x * math.sqrt(batch_size)

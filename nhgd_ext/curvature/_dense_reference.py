@@ -94,8 +94,6 @@ class DenseEFIMCore:
         self._clear_buffer()
 
     def update(self, g: torch.Tensor, batch_size: int = 1) -> None:
-        if batch_size < 1:
-            raise ValueError(f"DenseEFIM.update: argument 'batch_size' must be a positive integer, got {batch_size}")
         x = checked_rows("g", g, 1, self.dim, self.dtype, self.device)
         if batch_size != 1:
             x = x * math.sqrt(batch_size)
@@ -133,8 +131,6 @@ class DenseEFIMCore:
         return self.mu * a < self.refresh_below * self.damping or k >= self.gram_rows
 
     def set_gram_rows(self, rows: int) -> None:
-        if rows < 2:
-            raise ValueError(f"DenseEFIM: argument 'rows' must be an integer >= 2, got {rows}")
         self.gram_rows = rows
 
     def _advance(self, a: float, k: int) -> None:

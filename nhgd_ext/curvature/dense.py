@@ -208,6 +208,9 @@ class DenseEFIM:
                 if state[key].shape != target.shape:
                     raise ValueError(f"DenseEFIM.load_state_dict: '{key}' has shape {tuple(state[key].shape)}, "
                                      f"expected {tuple(target.shape)}")
+            if int(state["gram_rows"]) < 2:
+                raise ValueError(f"DenseEFIM.load_state_dict: 'gram_rows' must be an integer >= 2, "
+                                 f"got {state['gram_rows']!r}")
             for key, target in zip(_DENSE_STATE_KEYS, targets):
                 target.copy_(state[key])
             core.set_counters(*(state[key] for key in _DENSE_COUNTER_KEYS))

@@ -82,7 +82,7 @@ class HypergradientEstimator:
     def __init__(self, inner_params, outer_params, *, inner_lr: float = 0.1, process_group=None):
         """``process_group``: the group of a data-parallel inner training
         (e.g. the model's ``DistributedDataParallel``; ``"world"`` for the
-        default group): gradients, Hessian-vector and cross products and
+        default group): gradients, Hessian-vector and mixed products and
         outer gradients are averaged over its ranks and curvature rows
         gathered, so that each rank holds the state and hypergradient of one
         process on the union of their (equal-sized) batches."""
@@ -274,7 +274,7 @@ class HypergradientEstimator:
 
     def inner_gradient(self, inner_loss: torch.Tensor) -> torch.Tensor:
         """grad_theta l, flattened, with its graph: one graph serves every
-        Hessian-vector and cross product taken from it."""
+        Hessian-vector and mixed product taken from it."""
         return flat(torch.autograd.grad(inner_loss, self.inner_params, create_graph=True))
 
     def hvp(self, g_theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -282,7 +282,7 @@ class HypergradientEstimator:
         return flat(self._shared_mean(grads_or_zeros((g_theta * w).sum(), self.inner_params,
                                                      retain_graph=True))).detach()
 
-    def cross(self, g_theta: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    def mixed_product(self, g_theta: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
         """(d2_{v theta} l) w = d/dv <grad_theta l, w>, one tensor per outer parameter."""
         return [g.detach() for g in self._shared_mean(grads_or_zeros((g_theta * w).sum(), self.outer_params,
                                                                       retain_graph=True))]

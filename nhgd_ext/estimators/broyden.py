@@ -85,4 +85,4 @@ class Broyden(KeepsSolution):
         start = self.kept_or_zeros(f_theta).clone() if self.warm_start else torch.zeros_like(f_theta)
         w = self._solve(lambda x: f_theta - self.hvp(g_theta, x), start)
         self._kept = w
-        return self.combine(f_v, self.cross(g_theta, w))
+        return self.combine(f_v, self.mixed_product(g_theta, w))

@@ -44,4 +44,4 @@ class ConjugateGradient(KeepsSolution):
             p.mul_(rr_new / rr).add_(r)
             rr = rr_new
         self._kept = w
-        return self.combine(f_v, self.cross(g_theta, w))
+        return self.combine(f_v, self.mixed_product(g_theta, w))

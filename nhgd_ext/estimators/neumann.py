@@ -28,4 +28,4 @@ class Neumann(HypergradientEstimator):
         for _ in range(self.iters):
             term = term - self.scale * self.hvp(g_theta, term)
             total = total + term
-        return self.combine(f_v, self.cross(g_theta, self.scale * total))
+        return self.combine(f_v, self.mixed_product(g_theta, self.scale * total))

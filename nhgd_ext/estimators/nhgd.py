@@ -159,7 +159,7 @@ class NHGD(HypergradientEstimator):
             curvature = Pipeline(curvature, producer=first.device, **pipeline_options)
             self._owned.insert(0, curvature)  # drained before the K-FAC hooks it reads come off
         self.curvature = curvature
-        self.fisher, self.likelihood, self.cross_form = fisher, likelihood, cross
+        self.fisher, self.likelihood, self.cross = fisher, likelihood, cross
         self.cross_batches, self.warm_start = cross_batches, warm_start
         self.beta, self.refine = beta, refine
         # K-FAC reads per-sample information from its layer hooks; per-sample
@@ -177,14 +177,14 @@ class NHGD(HypergradientEstimator):
     # -------------------------------------------------------------- inner loop
 
     def _differentiates_again(self, per_sample: bool, outputs: torch.Tensor | None) -> bool:
-        return (self.cross_form == "trajectory" or self.fisher == "sampled"
+        return (self.cross == "trajectory" or self.fisher == "sampled"
                 or super()._differentiates_again(per_sample, outputs))
 
     def _observations(self, loss: torch.Tensor, mean: torch.Tensor, outputs: torch.Tensor | None,
                       grads: Sequence[torch.Tensor]) -> dict:
         found = {}
         layer_rows = self._layer_rows
-        if self.cross_form == "trajectory":
+        if self.cross == "trajectory":
             with self._hooks_paused():
                 found["cross"] = self._mixed_derivative(mean)
         if self.fisher == "empirical":
@@ -265,7 +265,7 @@ class NHGD(HypergradientEstimator):
         """Feeds one step: per-sample ``rows`` when given, else the (mean)
         gradient, or for the sampled Fisher without rows ``fisher_grad``; and
         the step's mixed derivative ``cross`` for ``cross="trajectory"``."""
-        if self.cross_form == "trajectory":
+        if self.cross == "trajectory":
             if cross is None:
                 raise ValueError("NHGD(cross='trajectory').observe: argument 'cross' (the step's "
                                  "d2_{v theta} l, d_v x d_theta) is required")
@@ -315,17 +315,17 @@ class NHGD(HypergradientEstimator):
     def _solve_and_cross(self, outer_loss: torch.Tensor, inner_closure: Closure) -> tuple[torch.Tensor, ...]:
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = None
-        if self.cross_form == "end" or self.refine:
+        if self.cross == "end" or self.refine:
             # The cross term (and refine's Hessian) of the mean over M closure
             # batches: linear in the loss, so one backward pass of the mean
             # loss instead of one per batch. Taken before the solve, so that a
             # refused closure leaves even the curvature's inverse as it was.
-            batches = self.cross_batches if self.cross_form == "end" else 1
+            batches = self.cross_batches if self.cross == "end" else 1
             g_theta = self.inner_gradient(sum(inner_closure() for _ in range(batches)) / batches)
         w = self.curvature.solve(f_theta)
         if self.refine:
             w = self._refined(g_theta, f_theta, w)
-        if self.cross_form == "trajectory":
+        if self.cross == "trajectory":
             if self._L is None:
                 raise RuntimeError("NHGD(cross='trajectory').hypergradient: no inner step observed since the "
                                    "last hypergradient")
@@ -333,7 +333,7 @@ class NHGD(HypergradientEstimator):
             # Eq. 3.3 averages over the current inner loop: v moves after this call.
             self._L, self._cross_steps = None, 0
         else:
-            cross = self.cross(g_theta, w)
+            cross = self.mixed_product(g_theta, w)
         return self.combine(f_v, cross)
 
     def _outer_step_done(self) -> None:

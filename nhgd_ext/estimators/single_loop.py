@@ -27,7 +27,7 @@ class SingleLoopAID(KeepsSolution):
         g_theta = self.inner_gradient(inner_closure())
         v = self.kept_or_zeros(f_theta)
         self._kept = v - self.eta * self.hvp(g_theta, v) + self.eta * f_theta
-        return self.combine(f_v, self.cross(g_theta, self._kept))
+        return self.combine(f_v, self.mixed_product(g_theta, self._kept))
 
 
 class SOBA(SingleLoopAID):
@@ -42,7 +42,7 @@ class SOBA(SingleLoopAID):
         f_v, f_theta = self.outer_gradients(outer_loss)
         g_theta = self.inner_gradient(inner_closure())
         z = self.kept_or_zeros(f_theta)
-        direction = self.combine(f_v, self.cross(g_theta, z))
+        direction = self.combine(f_v, self.mixed_product(g_theta, z))
         self._kept = z - self.eta * (self.hvp(g_theta, z) - f_theta)
         return direction
 
@@ -78,7 +78,7 @@ class SingleLoopITD(HypergradientEstimator):
                 p.copy_(p0)
         try:
             g0 = self.inner_gradient(inner_closure())
-            cross = self.cross(g0, getattr(self, "_step_size", self.inner_lr) * f_theta)
+            cross = self.mixed_product(g0, getattr(self, "_step_size", self.inner_lr) * f_theta)
         finally:
             with torch.no_grad():
                 for p, p1 in zip(self.inner_params, theta):

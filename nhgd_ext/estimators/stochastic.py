@@ -40,7 +40,7 @@ class StocBiO(HypergradientEstimator):
         for _ in range(self.iters):
             term = term - self.scale * self.hvp(self.inner_gradient(inner_closure()), term)
             total = total + term
-        return self.combine(f_v, self.cross(self.inner_gradient(inner_closure()), self.scale * total))
+        return self.combine(f_v, self.mixed_product(self.inner_gradient(inner_closure()), self.scale * total))
 
 
 class AmIGO(KeepsSolution):
@@ -56,7 +56,7 @@ class AmIGO(KeepsSolution):
         for _ in range(self.iters):
             w = w - self.lr * (self.hvp(self.inner_gradient(inner_closure()), w) - f_theta)
         self._kept = w
-        return self.combine(f_v, self.cross(self.inner_gradient(inner_closure()), w))
+        return self.combine(f_v, self.mixed_product(self.inner_gradient(inner_closure()), w))
 
 
 class TTSA(HypergradientEstimator):
@@ -75,7 +75,7 @@ class TTSA(HypergradientEstimator):
         for _ in range(depth):
             term = term - self.scale * self.hvp(self.inner_gradient(inner_closure()), term)
         w = self.iters * self.scale * term
-        return self.combine(f_v, self.cross(self.inner_gradient(inner_closure()), w))
+        return self.combine(f_v, self.mixed_product(self.inner_gradient(inner_closure()), w))
 
     def _outer_state(self) -> dict:
         return self.state_dict()

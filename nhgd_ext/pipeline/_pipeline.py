@@ -31,6 +31,9 @@ from .._finite import NonFiniteError
 from . import _python_engine
 from ._messages import (
     CALL,
+    UPDATE,
+    UPDATE_MANY,
+    Message,
     PipelineClosed,
     PipelineError,
     apply_update,
@@ -50,33 +53,31 @@ def _close_all() -> None:
 
 
 def engine_kind() -> str:
-    """Which engine ``Pipeline(..., engine="auto")`` uses here: ``"compiled"``
-    (the C++ ring buffer and consumer thread) or ``"python"`` (the fallback,
-    where the extension is not compiled)."""
+    """Which engine ``Pipeline(..., engine="auto")`` uses here, in the words of
+    :func:`nhgd_ext.backend`: ``"cpp"`` (the C++ ring buffer and consumer
+    thread) or ``"reference"`` (the pure-Python one, where the extension is
+    not compiled)."""
     module = _build.native_module()
-    return "compiled" if module is not None and hasattr(module, "PipelineEngine") else "python"
+    return "cpp" if module is not None and hasattr(module, "PipelineEngine") else "reference"
 
 
 def _make_engine(kind: str, side: _ConsumerSide, slots: int, producer: torch.device, consumer: torch.device,
                  consumer_threads: int):
     if kind == "auto":
         kind = engine_kind()
-        if kind == "compiled" and "cuda" in (producer.type, consumer.type) and not _build.compiled_with_cuda():
-            kind = "python"  # a CPU-only build of the extension has no CUDA route
-    if kind == "compiled":
-        if engine_kind() != "compiled":
-            raise ValueError("Pipeline: engine='compiled' but the compiled extension is not loaded "
+        if kind == "cpp" and "cuda" in (producer.type, consumer.type) and not _build.compiled_with_cuda():
+            kind = "reference"  # a CPU-only build of the extension has no CUDA route
+    if kind == "cpp":
+        if engine_kind() != "cpp":
+            raise ValueError("Pipeline: engine='cpp' but the compiled extension is not loaded "
                              f"(nhgd_ext.backend() = {_build.backend()!r})")
-        module = _build.native_module()
         # A compiled curvature is updated by the consumer thread itself, without the GIL.
         native = getattr(side.curvature, "compiled_core", None)
-        engine = module.PipelineEngine(side.apply, slots, str(producer), str(consumer), consumer_threads,
-                                       native, side.native_failed)
-        return engine, (module.PipelineFailed,), (module.PipelineClosedError,)
-    if kind == "python":
-        engine = _python_engine.PythonEngine(side.apply, slots, str(producer), str(consumer), consumer_threads)
-        return engine, (_python_engine.PipelineFailed,), (_python_engine.PipelineClosedError,)
-    raise ValueError(f"Pipeline: argument 'engine' must be 'auto', 'compiled' or 'python', got {kind!r}")
+        return _build.native_module().PipelineEngine(side.apply, slots, str(producer), str(consumer),
+                                                     consumer_threads, native, side.native_failed)
+    if kind == "reference":
+        return _python_engine.PythonEngine(side.apply, slots, str(producer), str(consumer), consumer_threads)
+    raise ValueError(f"Pipeline: argument 'engine' must be 'auto', 'cpp' or 'reference', got {kind!r}")
 
 
 class _ConsumerSide:
@@ -101,22 +102,23 @@ class _ConsumerSide:
 
     def apply(self, tensors, meta) -> None:
         try:
-            if meta[0] == CALL:
-                what, argument = self.calls[meta[1]]
+            message = Message.decode(meta)
+            if message.kind == CALL:
+                what, argument = self.calls[message.call_id]
                 argument = tensors[0] if what == "solve" else argument
                 if self.remote is not None:
-                    self.results[meta[1]] = self.remote.request(what, argument)
+                    self.results[message.call_id] = self.remote.request(what, argument)
                 else:
                     try:
-                        self.results[meta[1]] = self._run_local(what, argument)
+                        self.results[message.call_id] = self._run_local(what, argument)
                     except NonFiniteError as refused:
                         # the curvature refused and changed nothing: the refusal is the
                         # request's result (raised to the caller), and the stream goes on
-                        self.results[meta[1]] = refused
+                        self.results[message.call_id] = refused
             elif self.remote is not None:
-                self.remote.send_update(tensors, meta, more_queued=self.published - self.handled > 1)
+                self.remote.send_update(tensors, message, more_queued=self.published - self.handled > 1)
             else:
-                apply_update(self.curvature, self.on_cross, tensors, meta)
+                apply_update(self.curvature, self.on_cross, tensors, message)
         except BaseException as err:
             self.exception = err
             raise
@@ -167,8 +169,8 @@ class Pipeline:
             update of every message pushed with ``cross=`` (e.g. a running
             average of cross derivatives, paper Eq. 3.3).
         consumer_threads: intra-op threads of the consumer thread (0: torch's default).
-        engine: ``"auto"`` (the compiled one where the extension is built),
-            ``"compiled"`` or ``"python"``.
+        engine: ``"auto"`` (:func:`engine_kind`), ``"cpp"`` (the C++ ring
+            buffer and consumer thread) or ``"reference"`` (pure Python).
         dim: the gradient length, when the curvature has no ``dim`` attribute.
     """
 
@@ -221,9 +223,8 @@ class Pipeline:
             engine_consumer = self._remote.sender_device
         else:
             raise ValueError(f"Pipeline: argument 'transport' must be 'local' or 'distributed', got {transport!r}")
-        self._engine, self._failed_types, self._closed_types = _make_engine(
-            engine, self._side, slots, self.producer, engine_consumer, consumer_threads)
-        self.engine = "python" if isinstance(self._engine, _python_engine.PythonEngine) else "compiled"
+        self._engine = _make_engine(engine, self._side, slots, self.producer, engine_consumer, consumer_threads)
+        self.engine = "reference" if isinstance(self._engine, _python_engine.PythonEngine) else "cpp"
         self.slots = slots
         _open_pipelines.add(self)
 
@@ -250,10 +251,9 @@ class Pipeline:
         only when given); ``cross`` an optional cross-derivative for
         ``on_cross``. Copies them (reuse them at once) and returns; blocks
         only while every slot is full."""
-        kind, batch_size = check_gradient(self.dim, self.producer, grad, batch_size, cross, self._has_cross_handler)
+        check_gradient(self.dim, self.producer, grad, batch_size, cross, self._has_cross_handler)
         if per_step is not None and grad.dim() != 2:
             raise ValueError("Pipeline.push: argument 'per_step' is for per-sample rows ([k, d]) only")
-        second = batch_size if grad.dim() == 1 else (-1 if per_step is None else int(bool(per_step)))
         tensors = [grad.detach()] if cross is None else [grad.detach(), cross.detach()]
         if self._check_wire is not None:
             self._check_wire("grad", tensors[:1])
@@ -263,7 +263,10 @@ class Pipeline:
         captures = self._take_captures() if self._take_captures is not None else []
         if self._check_wire is not None:
             self._check_wire("recorder", captures)
-        self._push_message(tensors + captures, [kind, second, int(cross is not None), len(captures)])
+        message = Message(UPDATE if grad.dim() == 1 else UPDATE_MANY, batch_size=batch_size,
+                          per_step=None if per_step is None else bool(per_step), has_cross=cross is not None,
+                          captures=len(captures))
+        self._push_message(tensors + captures, message)
 
     def flush(self) -> None:
         """Waits until every message pushed so far has been applied (on a GPU,
@@ -384,7 +387,7 @@ class Pipeline:
             tensor = argument if isinstance(argument, torch.Tensor) else torch.zeros(1, device=self.producer)
             self._side.calls[call_id] = (what, argument)
             try:
-                self._push_message([tensor], [CALL, call_id, 0])
+                self._push_message([tensor], Message(CALL, call_id=call_id))
                 self._engine_call(self._engine.flush)
             finally:
                 self._side.calls.pop(call_id, None)
@@ -396,8 +399,8 @@ class Pipeline:
             result.record_stream(torch.cuda.current_stream(result.device))
         return result
 
-    def _push_message(self, tensors, meta) -> None:
-        self._engine_call(self._engine.push, tensors, meta)
+    def _push_message(self, tensors, message: Message) -> None:
+        self._engine_call(self._engine.push, tensors, message.encode())
         self._side.published += 1
 
     def _engine_call(self, fn, *args):
@@ -405,10 +408,10 @@ class Pipeline:
             raise PipelineClosed("Pipeline: the pipeline was never opened")
         try:
             return fn(*args)
-        except self._failed_types:
+        except PipelineError:
             self._reported = True
             raise self._failure() from self._side.exception
-        except self._closed_types:
+        except PipelineClosed:
             if self._engine.error is not None:
                 self._reported = True
                 raise self._failure() from self._side.exception

@@ -1,7 +1,7 @@
 """The pipeline engine in pure Python: a thread and a bounded ring of copies.
 
 Used only where the compiled extension is missing (``nhgd_ext.backend() ==
-"reference"``), or when asked for (``Pipeline(..., engine="python")``). It
+"reference"``), or when asked for (``Pipeline(..., engine="reference")``). It
 has the interface and the semantics of the compiled ``PipelineEngine``
 (csrc/pipeline/engine.h): in-order, exactly-once delivery, ``push`` copies and
 blocks only while every slot is full, errors stop the stream and reach the
@@ -16,13 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-
-class PipelineFailed(RuntimeError):
-    """The stream failed; the message says where and why."""
-
-
-class PipelineClosedError(RuntimeError):
-    """The pipeline was closed."""
+from ._messages import PipelineClosed, PipelineError
 
 
 class PythonEngine:
@@ -73,9 +67,9 @@ class PythonEngine:
             target = self._published
             self._cond.wait_for(lambda: self._applied >= target or self._failed or self._stopped)
             if self._failed:
-                raise PipelineFailed(self._error)
+                raise PipelineError(self._error)
             if self._applied < target:
-                raise PipelineClosedError("pipeline closed before every message was applied")
+                raise PipelineClosed("pipeline closed before every message was applied")
 
     def close(self, drain: bool = True) -> None:
         with self._cond:
@@ -146,9 +140,9 @@ class PythonEngine:
 
     def _raise_if_stopped(self) -> None:
         if self._failed:
-            raise PipelineFailed(self._error)
+            raise PipelineError(self._error)
         if self._closed:
-            raise PipelineClosedError("pipeline is closed")
+            raise PipelineClosed("pipeline is closed")
 
     def _join(self) -> None:
         if threading.current_thread() is self._thread:

@@ -44,7 +44,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from ._messages import UPDATE, UPDATE_MANY, PipelineError, apply_update
+from ._messages import UPDATE, UPDATE_MANY, Message, PipelineError, apply_update
 
 # ops on the wire
 _HELLO, _SOLVE, _RESET, _NUM_UPDATES, _INVERSE, _CLOSE, _ABORT, _BATCH = 10, 11, 12, 13, 14, 15, 16, 17
@@ -230,15 +230,17 @@ class RemoteConsumer:
             if text:
                 raise PipelineError(f"Pipeline consumer (rank {self.peer}): {text}")
 
-    def send_update(self, tensors, meta, more_queued: bool = False) -> None:
+    def send_update(self, tensors, message: Message, more_queued: bool = False) -> None:
         """Sends one message, or holds it for a batch while ``more_queued``
-        (more messages wait behind it in the engine)."""
+        (more messages wait behind it in the engine). Its captures count is
+        not sent: the consumer counts the tensors after the gradient and the
+        cross term."""
         self._raise_if_consumer_failed()
-        message = (int(meta[0]), int(meta[1]), int(meta[2]), tensors)
+        framed = (*message.encode()[:3], tensors)  # (op, a, b, tensors) on the wire
         if not more_queued and not self._batch and len(tensors) <= _MAX_TENSORS:
-            _send(*message, self.peer, self.group, self.wire)
+            _send(*framed, self.peer, self.group, self.wire)
             return
-        self._batch.append(message)
+        self._batch.append(framed)
         self._batch_bytes += sum(t.numel() * t.element_size() for t in tensors)
         if not more_queued or len(self._batch) >= _BATCH_MESSAGES or self._batch_bytes >= _BATCH_BYTES:
             self._send_batch()
@@ -339,7 +341,8 @@ def serve(curvature, *, producer_rank: int = 0, group=None, on_cross=None) -> di
                 if failure is None:  # after a failure, keep draining so the producer never blocks
                     try:
                         # what follows the gradient (and the cross term) is captures
-                        apply_update(curvature, on_cross, [t.to(device) for t in parts], [kind, x, y, len(parts) - 1 - y])
+                        message = Message.decode([kind, x, y, len(parts) - 1 - y])
+                        apply_update(curvature, on_cross, [t.to(device) for t in parts], message)
                     except Exception as err:  # noqa: BLE001 - reported to the producer, then raised here
                         failure, failed_at = err, messages
                         notify(f"the update failed: {type(err).__name__}: {err}")
