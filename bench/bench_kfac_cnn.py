@@ -1,7 +1,7 @@
 """The inner step of NHGD-K-FAC on the small CNN of examples/cnn_noisy_labels.py
 against a plain SGD step, at batches 32, 256 and 1,024.
 
-    .venv/bin/python bench/bench_kfac_cnn.py [--threads 2] [--repeats 15] [--batches 32,256,1024]
+    .venv/bin/python bench/bench_kfac_cnn.py [--threads 2] [--repeats 15] [--batches 32,256,1024] [--json PATH]
 
 Both steps: the forward pass of a batch of 28x28 digits, the backward pass
 and ``SGD.step``; K-FAC's adds its hooks' captures (both convolutions' input
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import add_json_argument, write_json
 
 from nhgd_ext.estimators import NHGD
 
@@ -34,8 +35,8 @@ def small_cnn():
     return module.small_cnn()
 
 
-def measure(batch: int, repeats: int) -> tuple[float, float]:
-    """(median SGD step, median K-FAC inner step), seconds."""
+def measure(batch: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(SGD step times, K-FAC inner step times), seconds, one per repeat."""
     torch.manual_seed(0)
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     model = small_cnn()
@@ -62,7 +63,7 @@ def measure(batch: int, repeats: int) -> tuple[float, float]:
                 found.append(time.perf_counter() - start)
     finally:
         est.close()
-    return statistics.median(times[sgd_step]), statistics.median(times[kfac_step])
+    return times[sgd_step], times[kfac_step]
 
 
 def main(argv=None) -> int:
@@ -70,15 +71,24 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batches", default="32,256,1024")
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"small CNN (2 conv + linear, {sum(p.numel() for p in small_cnn().parameters())} parameters), "
+    parameters = sum(p.numel() for p in small_cnn().parameters())
+    print(f"small CNN (2 conv + linear, {parameters} parameters), "
           f"{torch.get_num_threads()} threads, medians of {args.repeats}")
     print("| batch | SGD step [ms] | NHGD-K-FAC inner step [ms] | ratio |")
     print("|---|---|---|---|")
+    rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        sgd, kfac = measure(batch, args.repeats)
-        print(f"| {batch} | {sgd * 1e3:.2f} | {kfac * 1e3:.2f} | {kfac / sgd:.2f} |")
+        times = dict(zip(("sgd", "kfac"), measure(batch, args.repeats)))
+        medians = {name: statistics.median(found) for name, found in times.items()}
+        # one value for the table and the JSON: the test recomputes it from the medians
+        ratio = medians["kfac"] / medians["sgd"]
+        print(f"| {batch} | {medians['sgd'] * 1e3:.2f} | {medians['kfac'] * 1e3:.2f} | {ratio:.2f} |")
+        rows.append({"batch": batch, "medians": medians, "times": times, "ratios": {"kfac / sgd": ratio}})
+    write_json(args.json, {"device": "cpu", "repeats": args.repeats, "batches": [row["batch"] for row in rows],
+                           "parameters": parameters}, batches=rows)
     return 0
 
 

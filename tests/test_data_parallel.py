@@ -20,8 +20,9 @@ from torch import nn
 from nhgd_ext import estimators as E
 from nhgd_testing import tensors_of
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.heavy,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 WORLD, LOCAL, STEPS = 2, 6, 4
 

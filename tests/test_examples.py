@@ -14,6 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = (0, 1, 2)
 
+pytestmark = pytest.mark.heavy
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -18,8 +18,9 @@ from nhgd_ext.curvature import DenseEFIM
 from nhgd_ext.pipeline import Pipeline, PipelineError, serve
 from nhgd_ext.pipeline.distributed import _header, _pack, _unpack
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.heavy,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 def _free_port() -> int:

@@ -13,6 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.heavy  # every block runs as a script in a fresh interpreter
+
 
 def readme() -> str:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
