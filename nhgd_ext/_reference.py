@@ -28,12 +28,14 @@ def _fail(op: str, name: str, why: str):
     raise ValueError(f"{op}: argument '{name}' {why}")
 
 
-def _coeff(op: str, name: str, value, positive: bool) -> float:
+def _coeff(op: str, name: str, value, positive: bool, state: torch.Tensor) -> float:
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             _fail(op, name, f"must be a Python float or a 0-d tensor, got shape {list(value.shape)}")
         if not value.is_floating_point():
             _fail(op, name, f"must be a floating-point tensor, got {value.dtype}")
+        if value.device.type != "cpu" and value.device != state.device:
+            _fail(op, name, f"must be on the CPU or on the device of the state ({state.device}), got {value.device}")
         value = float(value.item())
     if not math.isfinite(value):
         _fail(op, name, f"must be finite, got {value}")
@@ -96,7 +98,7 @@ def sherman_morrison_(A, g, a, b, status=None, lower_only=False):
     if tuple(g.shape) != tuple(A.shape[:-1]):
         _fail(op, "g", f"must have shape {list(A.shape[:-1])} to match A of shape {list(A.shape)}, got {list(g.shape)}")
     _status(op, status, A)
-    a, b = _coeff(op, "a", a, True), _coeff(op, "b", b, False)
+    a, b = _coeff(op, "a", a, True, A), _coeff(op, "b", b, False, A)
     _finite(op, "g", g)
     sym = A.tril() + A.tril(-1).mT
     u = (sym @ g.unsqueeze(-1)).squeeze(-1)
@@ -118,7 +120,7 @@ def woodbury_(A, H, a, status=None):
     if H.dim() != A.dim() or H.shape[-1] != A.shape[-1] or H.shape[-2] < 1 or (A.dim() == 3 and H.shape[0] != A.shape[0]):
         _fail(op, "H", f"must have shape [{'n, ' if A.dim() == 3 else ''}k >= 1, {A.shape[-1]}] to match A, got {list(H.shape)}")
     _status(op, status, A)
-    a = _coeff(op, "a", a, True)
+    a = _coeff(op, "a", a, True, A)
     _finite(op, "H", H)
     _downdate(A, _woodbury_factor(op, A, H, a), a)
 
@@ -145,7 +147,7 @@ def kfac_update_(S_inv, G_inv, acts, grads, a, b, status=None):
     if len(set(factors_seen)) != len(factors_seen):
         _fail(op, "S_inv", "and 'G_inv' must not repeat a tensor")
     _status(op, status, S_inv[0])
-    a, b = _coeff(op, "a", a, True), _coeff(op, "b", b, False)
+    a, b = _coeff(op, "a", a, True, S_inv[0]), _coeff(op, "b", b, False, S_inv[0])
     for x, d in zip(acts, grads):
         _finite(op, "acts", x)
         _finite(op, "grads", d)
@@ -183,7 +185,7 @@ def running_average_(L, B, a, b, status=None):
     if B.shape != L.shape:
         _fail(op, "B", f"must have the shape of L {list(L.shape)}, got {list(B.shape)}")
     _status(op, status, L)
-    a, b = _coeff(op, "a", a, True), _coeff(op, "b", b, False)
+    a, b = _coeff(op, "a", a, True, L), _coeff(op, "b", b, False, L)
     _finite(op, "B", B)
     L.mul_(a).add_(B, alpha=b)
 
@@ -216,8 +218,8 @@ def sherman_morrison_deferred_(A, pending, g, a, b, status=None):
     if g.shape != (A.shape[0],):
         _fail(op, "g", f"must have shape [{A.shape[0]}] to match A, got {list(g.shape)}")
     _status(op, status, A)
-    _coeff(op, "a", a, True)
-    _coeff(op, "b", b, False)
+    _coeff(op, "a", a, True, A)
+    _coeff(op, "b", b, False, A)
     _finite(op, "g", g)
     apply_pending_(A, pending)
     sherman_morrison_(A, g, a, b)

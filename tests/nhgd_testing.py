@@ -9,8 +9,10 @@ update formula.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -56,6 +58,84 @@ def coeff(value: float, kind: str, device, dtype=torch.float64):
     if kind == "device_tensor":
         return torch.tensor(value, dtype=dtype, device=device)
     raise AssertionError(kind)
+
+
+#: the kernels the Python wrappers of nhgd_ext.ops reach: "compiled", the
+#: registered operators torch.ops.nhgd_ext (the C++ kernels where the extension
+#: built), or "reference", the pure-PyTorch kernels of nhgd_ext/_reference.py
+IMPLEMENTATIONS = ["compiled", "reference"]
+
+
+class _ReferencePacket:
+    """Stands in for an operator packet of torch.ops.nhgd_ext: called, it runs
+    the default overload; one attribute per overload (``.default``,
+    ``.tensor``), as csrc/schemas.h lists them, holds the reference kernel."""
+
+    def __init__(self, overloads: dict):
+        self.__dict__.update(overloads)
+
+    def __call__(self, *args, **kwargs):
+        return self.default(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """While the context lasts, the wrappers of nhgd_ext.ops call the reference
+    kernels (nhgd_ext._reference) in place of torch.ops.nhgd_ext: the same
+    Python-side checks, then the reference's own argument checks. The
+    registered operators are restored on exit, whatever happens."""
+    from nhgd_ext import _reference, ops
+
+    packets: dict[str, dict] = {}
+    for qualname, fn in _reference._IMPLS.items():
+        name, _, overload = qualname.partition(".")
+        packets.setdefault(name, {})[overload or "default"] = fn
+    assert set(_reference._IMPLS) == set(_reference.SCHEMAS), "a schema without a reference kernel"
+    registered = ops._ops
+    ops._ops = types.SimpleNamespace(**{name: _ReferencePacket(o) for name, o in packets.items()})
+    try:
+        yield
+    finally:
+        ops._ops = registered
+
+
+class _NoKernel:
+    """Every operator (and overload) of the namespace no_kernels puts in place: calling it fails."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+
+    def __getattr__(self, attr):
+        return _NoKernel(f"{self.name}.{attr}" if self.name else attr)
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"the Python wrapper called the kernel {self.name}: it was to reject the call itself")
+
+
+@contextlib.contextmanager
+def no_kernels():
+    """While the context lasts, any call of the wrappers of nhgd_ext.ops that
+    gets past their own checks to a kernel fails the test (AssertionError)."""
+    from nhgd_ext import ops
+
+    registered = ops._ops
+    ops._ops = _NoKernel()
+    try:
+        yield
+    finally:
+        ops._ops = registered
+
+
+def kernels(implementation: str):
+    """The context in which nhgd_ext.ops runs `implementation`: one of
+    IMPLEMENTATIONS, or "wrapper" (no kernel at all, see no_kernels)."""
+    if implementation == "compiled":
+        return contextlib.nullcontext()
+    if implementation == "reference":
+        return reference_kernels()
+    if implementation == "wrapper":
+        return no_kernels()
+    raise AssertionError(implementation)
 
 
 def gen(seed: int) -> torch.Generator:

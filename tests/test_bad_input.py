@@ -1,11 +1,33 @@
 """Bad input: every error is a ValueError that names the argument, and no
 tensor handed to the op (state, inputs, status) changes, bit for bit, nor is
-reallocated. Explicit cases for every (op, corruption) pair, then hypothesis
-drawing hundreds of random ones; plus a hypothesis property for valid input.
+reallocated. Proved for both implementations behind the Python wrappers of
+nhgd_ext.ops, which must agree: the compiled kernels (csrc/checks.cpp,
+through torch.ops.nhgd_ext) and the pure-PyTorch reference kernels
+(nhgd_ext/_reference.py).
+
+What runs:
+- one explicit case per (op, argument, corruption) that is an error on the
+  device, for each implementation: float32, unbatched (batch 2 for
+  `wrong_batch`, which needs one). A corruption the wrappers reject
+  themselves (a str coefficient, a tensor for a list) runs once, with every
+  kernel replaced by one that fails if called. The compiled kernels also
+  get NaN data in float64, which reaches the float64 instantiation of the
+  C++ finiteness scan; otherwise no check depends on the dtype or a batch.
+- hypothesis, 300 random bad calls per implementation (the same calls for
+  both), for the long tail: any of those corruptions, float32 or float64,
+  unbatched or batched (1 to 3), d in 1..9, k in 1..5, float or 0-d tensor
+  coefficients, with or without `status`. Every explicit case, and every
+  variant of one that the explicit list leaves out, can be drawn.
+- K-FAC's aliasing (both implementations) and empty-list errors, and the
+  registered operators called without the wrappers.
+- hypothesis for valid input: Sherman-Morrison and Woodbury updates match
+  the float64 inverse of the updated matrix, for both implementations (the
+  reference on the CPU only).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -20,11 +42,13 @@ from nhgd_testing import (
     CUDA,
     DEVICES,
     DTYPES,
+    IMPLEMENTATIONS,
     assert_exactly_symmetric,
     assert_unchanged,
     direct_inverse,
     gen,
     inv64,
+    kernels,
     random_spd,
     rel_err,
     tol,
@@ -320,30 +344,64 @@ def check_rejected(op, args, name):
 # --------------------------------------------------------------------------- explicit cases
 
 
+#: corruptions the Python wrappers of nhgd_ext.ops reject before any kernel
+#: runs (a coefficient that is no float and no tensor, a tensor for a list):
+#: the same code for both implementations, so run once, with no kernel at all
+WRAPPER_KINDS = ("str", "none", "bool", "not_a_list")
+
+
 def _explicit_params():
+    """Each (op, target, kind) that is an error on a device, once per
+    implementation (once with no kernel for WRAPPER_KINDS): float32,
+    unbatched unless the corruption needs a batch. Cases that are no error
+    on a device (a second device where there is none, ...) are not
+    generated. The compiled kernels also get NaN data in float64: their
+    finiteness scan is compiled once per dtype (checks.cpp: all_finite), the
+    reference's is not."""
     params = []
-    for op in OPS:
-        for target, kind in all_cases(op):
-            for batch in ((None, 2) if op in BATCHED else (None,)):
-                params.append(pytest.param(op, target, kind, batch,
-                                           id=f"{op}-{target}-{kind}-{'batched' if batch else 'single'}"))
+    for device_param in DEVICES:
+        device = device_param.values[0]
+        for op in OPS:
+            for target, kind in all_cases(op):
+                batch = 2 if kind == "wrong_batch" else None
+                if not applicable(op, target, kind, device, batch):
+                    continue
+                impls = ["wrapper"] if kind in WRAPPER_KINDS else IMPLEMENTATIONS
+                runs = [(impl, torch.float32) for impl in impls]
+                if kind == "nan" and target in DATA[op]:
+                    runs.append(("compiled", torch.float64))
+                for impl, dtype in runs:
+                    tags = ["batched"] * (batch is not None) + ["f64"] * (dtype == torch.float64)
+                    params.append(pytest.param(device, impl, dtype, op, target, kind, batch,
+                                               id="-".join([device, impl, op, target, kind, *tags]),
+                                               marks=device_param.marks))
     return params
 
 
-@pytest.mark.parametrize("op,target,kind,batch", _explicit_params())
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_argument(device, dtype, op, target, kind, batch):
-    if not applicable(op, target, kind, device, batch):
-        pytest.skip("not an error case on this device / layout")
-    args = build(op, dtype, device, d=4, batch=batch)
+@functools.cache
+def _built(op, dtype, device, batch):
+    return build(op, dtype, device, d=4, batch=batch)
+
+
+def _fresh(args):
+    """A copy of `args` with every tensor cloned (the explicit cases share their valid arguments)."""
+    return {key: value.clone() if isinstance(value, torch.Tensor)
+            else [x.clone() for x in value] if isinstance(value, list) else value
+            for key, value in args.items()}
+
+
+@pytest.mark.parametrize("device,impl,dtype,op,target,kind,batch", _explicit_params())
+def test_bad_argument(device, impl, dtype, op, target, kind, batch):
+    args = _fresh(_built(op, dtype, device, batch))
     name = corrupt(op, args, target, kind, device, random.Random(0))
-    check_rejected(op, args, name)
+    with kernels(impl):
+        check_rejected(op, args, name)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_kfac_update_rejects_repeated_state_tensors(device, dtype):
+def test_kfac_update_rejects_repeated_state_tensors(device, dtype, impl):
     """The same tensor twice among S_inv/G_inv would be updated twice, each
     from data read before the other wrote: an aliasing error."""
     for i, j, lists in ((0, 1, ("S_inv", "S_inv")), (0, 1, ("G_inv", "G_inv")), (0, 0, ("S_inv", "G_inv"))):
@@ -358,7 +416,8 @@ def test_kfac_update_rejects_repeated_state_tensors(device, dtype):
             args["grads"][0] = _rows((2, 3), 104, dtype, device)
         else:
             args[lists[1]][j] = args[lists[0]][i]
-        check_rejected("kfac_update_", args, lists[0])
+        with kernels(impl):
+            check_rejected("kfac_update_", args, lists[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -397,12 +456,13 @@ HYP = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("device", DEVICES)
 @HYP
 @given(data=st.data())
-def test_random_bad_arguments(device, data):
+def test_random_bad_arguments(device, impl, data):
     op = data.draw(st.sampled_from(OPS), label="op")
-    batch = data.draw(st.sampled_from([None, 1, 3]), label="batch") if op in BATCHED else None
+    batch = data.draw(st.sampled_from([None, 1, 2, 3]), label="batch") if op in BATCHED else None
     cases = [c for c in all_cases(op) if applicable(op, c[0], c[1], device, batch)]
     target, kind = data.draw(st.sampled_from(cases), label="corruption")
     dmin = 2 if kind in ("transposed", "strided") else 1
@@ -421,13 +481,19 @@ def test_random_bad_arguments(device, data):
         for c in COEFFS[op]:
             args[c] = torch.tensor(args[c], dtype=torch.float64)
     name = corrupt(op, args, target, kind, device, random.Random(seed))
-    check_rejected(op, args, name)
+    with kernels(impl):
+        check_rejected(op, args, name)
 
 
 # --------------------------------------------------------------------------- hypothesis: valid input
 
 
-@pytest.mark.parametrize("device", DEVICES)
+#: the reference kernels are checked against the float64 inverse on the CPU only
+VALID_RUNS = [pytest.param(p.values[0], impl, id=f"{p.values[0]}-{impl}", marks=p.marks)
+              for p in DEVICES for impl in IMPLEMENTATIONS if impl == "compiled" or p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("device,impl", VALID_RUNS)
 @HYP
 @given(
     op=st.sampled_from(["sherman_morrison_", "woodbury_"]),
@@ -441,7 +507,13 @@ def test_random_bad_arguments(device, data):
     tensor_coeffs=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_valid_updates_match_direct_inverse(device, op, d, batch, k, a, b, scale, dtype, tensor_coeffs, seed):
+def test_random_valid_updates_match_direct_inverse(device, impl, op, d, batch, k, a, b, scale, dtype, tensor_coeffs,
+                                                   seed):
+    with kernels(impl):
+        _check_valid_update(device, op, d, batch, k, a, b, scale, dtype, tensor_coeffs, seed)
+
+
+def _check_valid_update(device, op, d, batch, k, a, b, scale, dtype, tensor_coeffs, seed):
     A = _spd(d, seed, dtype, device, batch)
     M = inv64(A)
     scaled_before = float(A.double().norm()) / a
