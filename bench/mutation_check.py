@@ -1,9 +1,10 @@
 """Whether the test suite still catches a broken kernel, a dropped argument
-check and a broken estimator: each mutation is applied to the sources, the
+check (compiled, reference, Python wrapper) and a broken estimator: each mutation is applied to the sources, the
 extension rebuilt where C++ changed, the tests that guard that code run, the
 failures counted, and the source put back (and rebuilt).
 
     .venv/bin/python bench/mutation_check.py      # about 10 minutes on two cores (three rebuilds)
+    .venv/bin/python bench/mutation_check.py reference wrapper   # only those (by the name's first word)
 
 Run it from a clean tree: it edits files in place and restores them from
 their text before the edit, whatever happens.
@@ -30,6 +31,13 @@ MUTATIONS = [
     ("estimator: NHGD solves with f_theta halved", "nhgd_ext/estimators/nhgd.py",
      "        w = self.curvature.solve(f_theta)\n", "        w = self.curvature.solve(0.5 * f_theta)\n",
      ["tests/test_estimators_nhgd.py", "tests/test_estimators_nhgd_refine.py", "-q"]),
+    ("reference check: running_average_'s status check dropped", "nhgd_ext/_reference.py",
+     "    _status(op, status, L)\n", "",
+     ["tests/test_bad_input.py", "-q", "-k", "running_average_ and reference"]),
+    ("wrapper check: the ops' coefficients accept a string", "nhgd_ext/ops.py",
+     "        elif isinstance(v, (int, float)) and not isinstance(v, bool):",
+     "        elif isinstance(v, (int, float, str)) and not isinstance(v, bool):",
+     ["tests/test_bad_input.py", "-q"]),
 ]
 
 
@@ -47,9 +55,11 @@ def failures(args: list[str]) -> tuple[int, str]:
     return (int(found.group(1)) if found else 0), summary
 
 
-def main() -> int:
+def main(only: list[str]) -> int:
     rows = []
     for name, relative, text, replacement, args in MUTATIONS:
+        if only and name.split(":")[0].split()[0] not in only:
+            continue
         path = ROOT / relative
         original = path.read_text()
         if original.count(text) != 1:
@@ -73,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

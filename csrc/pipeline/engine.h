@@ -2,7 +2,7 @@
 // messages between the devices (route.h), and the consumer thread that drains
 // the slots in order and hands each message to `apply`. No Python in here: the
 // Python binding (python_bindings.cpp) supplies an `apply` that calls the
-// curvature object, the native tests one that records what it gets.
+// curvature object (or, for DenseEFIM, its C++ core directly).
 #pragma once
 
 #include "pipeline/ring_buffer.h"
