@@ -73,6 +73,11 @@ def test_compiled_engine_is_used_where_the_extension_is_compiled():
         assert engine_kind() == "reference"
 
 
+def test_an_unknown_engine_is_refused_by_name():
+    with pytest.raises(ValueError, match="argument 'engine' must be 'auto', 'cpp' or 'reference'"):
+        Pipeline(Recorder(), engine="compiled")
+
+
 @pytest.mark.parametrize("slots", [1, 3, 64])
 def test_20000_messages_in_order_exactly_once(engine, slots):
     rec = Recorder()
