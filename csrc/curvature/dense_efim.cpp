@@ -16,7 +16,9 @@ namespace {
 using OptionalTensor = std::optional<at::Tensor>;
 
 // The operators as the dispatcher has them: the same CPU or CUDA kernel that
-// torch.ops.nhgd_ext.* runs from Python.
+// torch.ops.nhgd_ext.* runs from Python. The C++ types below are not a second
+// copy of the schemas to keep in step: typed<>() checks them against the
+// kernels' registered signatures, so a drift fails at the first update.
 const auto& sherman_morrison_deferred_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("nhgd_ext::sherman_morrison_deferred_", "")
