@@ -91,3 +91,26 @@ def test_this_process_backend_warns_iff_reference():
         assert _nhgd_warnings(result), result
     else:
         assert not [w for w in result["warnings"] if "reference" in w.lower()], result
+
+
+def test_first_import_build_compiles_the_ahead_of_time_recipe(monkeypatch):
+    """Where the wheel was built without torch, the first import compiles
+    with torch.utils.cpp_extension.load: the same sources and flags as
+    setup.py (both read _toolchain.extension_arguments). Wiring only: the
+    compiler itself is not run here."""
+    from torch.utils import cpp_extension
+
+    from nhgd_ext import _build, _toolchain
+
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs) or "module")
+    monkeypatch.setitem(_build._state, "module", _build._state["module"])
+    monkeypatch.setattr(os, "environ", dict(os.environ, NHGD_WITH_CUDA="0"))  # the build sets CUDA variables
+    _build._jit_build()
+    assert _build._state["module"] == "module"
+    (kwargs,) = calls
+    recipe = _toolchain.extension_arguments(with_cuda=False)
+    assert {k: kwargs[k] for k in recipe} == recipe and kwargs["with_cuda"] is False
+    assert kwargs["is_python_module"] is True and kwargs["name"] == "nhgd_ext_ops"
+    assert any(s.endswith("module.cpp") for s in recipe["sources"])
+    assert not any(s.endswith(".cu") for s in recipe["sources"])
