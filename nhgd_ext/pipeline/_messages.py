@@ -14,7 +14,7 @@ import torch
 UPDATE, UPDATE_MANY, CALL, CROSS_ONLY = 0, 1, 2, 3  # Message.kind (csrc/pipeline/python_bindings.cpp agrees)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: slower to build, and one is built per push
 class Message:
     """One message of the stream, whatever carries it.
 
