@@ -390,3 +390,17 @@ def test_a_dropped_pipeline_is_freed_at_once_and_stops_its_consumer(engine):
     assert gone() is None
     seen = [s for s, _ in rec.seen]
     assert seen == [float(i) for i in range(len(seen))]
+
+
+def test_a_message_survives_its_four_integers():
+    from nhgd_ext.pipeline._messages import CALL, CROSS_ONLY, UPDATE, UPDATE_MANY, Message
+
+    for message in (Message(UPDATE, batch_size=7, has_cross=True, captures=2),
+                    Message(UPDATE_MANY, per_step=None), Message(UPDATE_MANY, per_step=False, captures=4),
+                    Message(UPDATE_MANY, per_step=True, has_cross=True), Message(CALL, call_id=123),
+                    Message(CROSS_ONLY, batch_size=3, has_cross=True)):
+        encoded = message.encode()
+        assert len(encoded) == 4 and all(isinstance(x, int) for x in encoded)
+        assert Message.decode(encoded) == message
+    with pytest.raises(ValueError, match="unknown message kind 9"):
+        Message.decode([9, 0, 0, 0])
