@@ -193,22 +193,21 @@ void bind_python(py::module_& m) {
 
   // The bare coordination of slots, for tests/test_pipeline_ring.py to drive
   // producer and consumer steps one at a time; the waiting calls release the GIL.
-  using Ring = RingBuffer;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  py::class_<Ring>(m, "_RingBuffer")
+  py::class_<RingBuffer>(m, "_RingBuffer")
       .def(py::init<std::size_t>(), py::arg("slots"))
-      .def("begin_push", &Ring::begin_push, nogil)
-      .def("try_begin_push", &Ring::try_begin_push)
-      .def("end_push", &Ring::end_push, py::arg("published"))
-      .def("wait_applied", &Ring::wait_applied, nogil)
-      .def("begin_pop", &Ring::begin_pop, nogil)
-      .def("release", &Ring::release)
-      .def("mark_applied", &Ring::mark_applied)
-      .def("consumer_stopped", &Ring::consumer_stopped)
-      .def("fail", &Ring::fail, py::arg("message"))
-      .def("close", &Ring::close, py::arg("drain"), nogil)
-      .def_property_readonly("published", &Ring::published)
-      .def_property_readonly("applied", &Ring::applied);
+      .def("begin_push", &RingBuffer::begin_push, nogil)
+      .def("try_begin_push", &RingBuffer::try_begin_push)
+      .def("end_push", &RingBuffer::end_push, py::arg("published"))
+      .def("wait_applied", &RingBuffer::wait_applied, nogil)
+      .def("begin_pop", &RingBuffer::begin_pop, nogil)
+      .def("release", &RingBuffer::release)
+      .def("mark_applied", &RingBuffer::mark_applied)
+      .def("consumer_stopped", &RingBuffer::consumer_stopped)
+      .def("fail", &RingBuffer::fail, py::arg("message"))
+      .def("close", &RingBuffer::close, py::arg("drain"), nogil)
+      .def_property_readonly("published", &RingBuffer::published)
+      .def_property_readonly("applied", &RingBuffer::applied);
 }
 
 }  // namespace nhgd::pipeline

@@ -2,7 +2,8 @@
 // consumer thread. Pure C++ (no torch, no Python): the slots' payload is kept
 // by the owner, indexed by the slot number this class hands out, so the same
 // logic serves host, pinned and device storage. Its waits and failures are
-// tested through the engine that owns it (tests/test_pipeline.py).
+// tested step by step from Python (tests/test_pipeline_ring.py) and through
+// the engine that owns it (tests/test_pipeline.py).
 //
 // Counters only ever grow; slot i of message n is n % N.
 //   published: messages the producer finished copying in (visible to the consumer)
